@@ -1,0 +1,151 @@
+"""Stage 1 of HoliTom: redundancy-aware temporal segmentation (spec section 2).
+
+Shapes: T frames, N pooled tokens per frame, C channels.
+
+A token position ``p`` is *similar* between frames ``t`` and ``t+1`` when the cosine similarity of the two
+feature vectors is strictly greater than ``tau``. A position is static in a segment ``[s, e]`` when it is
+similar for every adjacent pair ``t = s .. e-1``; such a position keeps one token instead of ``e-s+1`` and
+so removes ``e-s`` tokens. A dynamic programme partitions the frames into contiguous segments maximising the
+total number of removed tokens, with the reference's tie-breaking.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+__all__ = [
+    "Segmentation",
+    "adjacent_similarity",
+    "gain_table",
+    "run_lengths",
+    "segment_video",
+    "select_segments",
+    "temporal_segments",
+]
+
+
+def adjacent_similarity(features: torch.Tensor) -> torch.Tensor:
+    """Cosine similarity of the same position in adjacent frames.
+
+    Args:
+        features: (T, N, C).
+    Returns:
+        (T-1, N) float32, clamped to [-1, 1] (so that tau >= 1 never merges, whatever the rounding).
+    """
+    x = features.float() if features.dtype not in (torch.float32, torch.float64) else features
+    unit = torch.nn.functional.normalize(x, dim=-1, eps=1e-12)
+    sim = (unit[:-1] * unit[1:]).sum(dim=-1)
+    return sim.float().clamp_(-1.0, 1.0)
+
+
+def run_lengths(similar: torch.Tensor) -> torch.Tensor:
+    """For every start frame ``s`` and position ``p``: how many consecutive pairs from ``s`` are similar.
+
+    Args:
+        similar: (T-1, N) bool, ``similar[t, p]`` for the pair (t, t+1).
+    Returns:
+        (T, N) long ``run[s, p]``: the largest ``w`` with ``similar[s .. s+w-1, p]`` all true, i.e. the
+        segment ``[s, s+w]`` keeps ``p`` static for every ``e <= s + w``. ``run[T-1] == 0``.
+    """
+    pairs, num = similar.shape
+    frames = pairs + 1
+    t = torch.arange(frames, device=similar.device)[:, None].expand(frames, num)  # (T, N)
+    # index of the first dissimilar pair at or after each t (a virtual dissimilar pair at T-1)
+    breaks = torch.full((frames, num), pairs, dtype=torch.long, device=similar.device)
+    breaks[:pairs] = torch.where(similar, pairs, t[:pairs])
+    next_break = breaks.flip(0).cummin(dim=0).values.flip(0)  # (T, N)
+    return next_break - t
+
+
+def gain_table(run: torch.Tensor) -> torch.Tensor:
+    """Removed tokens of every candidate segment.
+
+    Args:
+        run: (T, N) long from :func:`run_lengths`.
+    Returns:
+        (T, T) long ``G[s, w]`` = |static(s, s+w)| * w for the segment ``[s, s+w]`` (``w >= 1``);
+        ``G[s, 0] = 0``, and zero where ``s + w >= T``.
+    """
+    frames, num = run.shape
+    hist = torch.zeros(frames, frames + 1, dtype=torch.long, device=run.device)
+    hist.scatter_add_(1, run, torch.ones_like(run))  # hist[s, l] = positions whose run from s is l
+    at_least = hist.flip(1).cumsum(1).flip(1)[:, :frames]  # at_least[s, w] = #positions with run >= w
+    widths = torch.arange(frames, device=run.device)
+    return at_least * widths[None, :]
+
+
+def select_segments(gains: list[list[int]], max_window: int) -> tuple[list[tuple[int, int]], int]:
+    """The reference's dynamic programme (spec 2.3) on a precomputed gain table.
+
+    Args:
+        gains: T x T nested list, ``gains[s][w]`` = tokens removed by the segment ``[s, s+w]``.
+        max_window: longest segment in frames (>= 1).
+    Returns:
+        (segments, reduced): inclusive ``(start, end)`` frame ranges in temporal order, and the total R.
+
+    Tie-breaking as in the reference: the singleton option first, then windows from short to long, and a
+    candidate replaces the current best only when strictly better.
+    """
+    frames = len(gains)
+    best = [0] * (frames + 1)  # best[i + 1] = dp[i]; best[0] = dp[-1] = 0
+    start = [0] * frames
+    for i in range(frames):
+        value, first = best[i], i
+        for width in range(2, min(i + 1, max_window) + 1):
+            s = i - width + 1
+            candidate = best[s] + gains[s][width - 1]
+            if candidate > value:
+                value, first = candidate, s
+        best[i + 1] = value
+        start[i] = first
+    segments: list[tuple[int, int]] = []
+    i = frames - 1
+    while i >= 0:
+        segments.append((start[i], i))
+        i = start[i] - 1
+    segments.reverse()
+    return segments, best[frames]
+
+
+@dataclass(frozen=True)
+class Segmentation:
+    """Result of stage 1.
+
+    segments: inclusive (start, end) frame ranges covering 0..T-1 in order.
+    reduced: R, tokens removed by temporal merging (sum of the segments' gains).
+    run: (T, N) long run lengths; position p is static in segment (s, e), e > s, iff run[s, p] >= e - s.
+    """
+
+    segments: list[tuple[int, int]]
+    reduced: int
+    run: torch.Tensor
+
+    def static_mask(self, segment: tuple[int, int]) -> torch.Tensor:
+        """(N,) bool: positions merged temporally in ``segment`` (all False for a singleton)."""
+        s, e = segment
+        if e == s:
+            return torch.zeros(self.run.shape[1], dtype=torch.bool, device=self.run.device)
+        return self.run[s] >= e - s
+
+
+def segment_video(features: torch.Tensor, tau: float, max_window: int) -> Segmentation:
+    """Stage 1 on features (T, N, C): similarity, gain table, dynamic programme."""
+    if features.dim() != 3 or features.shape[0] < 1:
+        raise ValueError(f"features must be (T, N, C) with T >= 1, got shape {tuple(features.shape)}")
+    frames, num, _ = features.shape
+    if frames == 1:
+        return Segmentation([(0, 0)], 0, torch.zeros(1, num, dtype=torch.long, device=features.device))
+    similar = adjacent_similarity(features) > tau  # (T-1, N)
+    run = run_lengths(similar)  # (T, N)
+    gains = gain_table(run).tolist()
+    segments, reduced = select_segments(gains, max_window)
+    return Segmentation(segments, reduced, run)
+
+
+def temporal_segments(
+    features: torch.Tensor, tau: float = 0.8, max_window: int = 1024
+) -> list[tuple[int, int]]:
+    """Inclusive (start, end) frame ranges chosen by HoliTom's segmentation of features (T, N, C)."""
+    return segment_video(features, tau, max_window).segments
