@@ -1,0 +1,380 @@
+"""HoliTom's inner-LLM stage (spec section 5) as removable forward pre-hooks on one Qwen2 decoder instance.
+
+Usage (batch size 1)::
+
+    handle = attach_inner_merge(decoder, layer=K, prune_ratio=r)   # decoder: a Qwen2Model (has .layers)
+    handle.arm(visual_start, visual_len)    # the next prefill merges prompt span [start, start + len)
+    model.generate(...)                     # or a forward with use_cache=True, then decode steps
+    handle.stats                            # InnerMergeStats of the last merging prefill, or None
+    handle.scores, handle.kept_index        # (M,) scores and (M',) kept span positions of that prefill
+    handle.remove()                         # the model then behaves exactly as before
+
+How it works, per forward pass (all hooks are ``register_forward_pre_hook(..., with_kwargs=True)`` on the
+layer modules of this one decoder, plus one forward hook on the last layer that only reads cache lengths):
+
+* layer K-1, armed prefill (query length > 1): before the layer runs, recompute the attention probabilities
+  of the LAST query token over all keys from the layer's own ``input_layernorm``, ``q_proj``, ``k_proj``
+  (with biases), the RoPE ``(cos, sin)`` passed to the layer, repeated KV heads, ``scaling`` and the mask
+  row of the last query if a 4-D mask exists; mean over heads, restricted to the visual span -> (M,) scores.
+  The layer itself runs untouched, i.e. causally (deliberate fix: the reference runs layer K-1 without a
+  causal mask in prefill, see docs/inner-stage.md). One query row: cheap, and works with SDPA.
+* layer K: ``merge_visual_states(hidden_visual, scores, prune_ratio)`` (holitom_cli.compression) folds the
+  pruned visual tokens into the kept ones; the kept rows of ``hidden_states``, ``(cos, sin)``,
+  ``position_ids`` and the rows/columns of a 4-D mask (eager) are gathered, so layers K..L-1 run on the
+  shortened sequence with the kept tokens at their ORIGINAL RoPE positions.
+* layers > K: the same shortened kwargs are swapped in.
+* decode steps: layers >= K hold a shorter ``DynamicCache`` entry. Positions of new tokens come from the
+  2-D attention mask (generate) or from layer 0's cache length (plain forward), i.e. stay absolute. A 4-D
+  mask (eager, or SDPA with padding) is sized from layer 0's cache length; for layers >= K its columns are
+  gathered as ``[kept prefill positions] + [all positions after the prefill]``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import weakref
+from typing import Any
+
+import torch
+
+from holitom_cli.compression import merge_visual_states
+from holitom_cli.errors import ConfigError, ModelError
+
+__all__ = ["InnerMergeHandle", "InnerMergeStats", "attach_inner_merge"]
+
+_SUPPORTED_ATTENTION = ("eager", "sdpa")
+# Decoders that currently carry an InnerMergeHandle (two handles on one decoder would merge twice).
+_ACTIVE: weakref.WeakSet[torch.nn.Module] = weakref.WeakSet()
+
+
+@dataclasses.dataclass(frozen=True)
+class InnerMergeStats:
+    """What the last merging prefill did.
+
+    visual_before: M, visual tokens entering layer K.
+    visual_after: visual tokens leaving the merge (``round(M * (1 - r))``, at least 1).
+    kv_lengths: per-layer KV-cache length right after that prefill (layers < K hold the full prompt,
+        layers >= K hold ``visual_before - visual_after`` fewer entries), or None without a cache.
+    """
+
+    visual_before: int
+    visual_after: int
+    kv_lengths: list[int] | None = None
+
+
+@dataclasses.dataclass
+class _Record:
+    """Bookkeeping of one merged prefill, needed to slice 4-D masks of later decode steps."""
+
+    cache: weakref.ref | None  # the Cache object the prefill wrote to (None: no cache)
+    keep_full: torch.Tensor  # (n',) long, ascending positions of the prompt kept at layers >= K
+    full_len: int  # n, the prompt length before the merge
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def _hidden_from(args: tuple, kwargs: dict) -> torch.Tensor:
+    return args[0] if args else kwargs["hidden_states"]
+
+
+def _with_hidden(args: tuple, kwargs: dict, hidden: torch.Tensor) -> tuple[tuple, dict]:
+    if args:
+        return (hidden, *args[1:]), kwargs
+    return args, {**kwargs, "hidden_states": hidden}
+
+
+class InnerMergeHandle:
+    """Hooks of one decoder; see :func:`attach_inner_merge`. Also a context manager (``remove`` on exit)."""
+
+    def __init__(self, decoder: torch.nn.Module, layer: int, prune_ratio: float) -> None:
+        self.decoder = decoder
+        self.layer = layer
+        self.prune_ratio = prune_ratio
+        self.stats: InnerMergeStats | None = None
+        self.scores: torch.Tensor | None = None  # (M,) float32 scores of the last merging prefill
+        self.kept_index: torch.Tensor | None = None  # (M',) long, kept positions into that visual span
+        self._span: tuple[int, int] | None = None  # armed (start, length)
+        self._pending: tuple[torch.Tensor, int, int, int] | None = None  # (scores (M,), start, M, n)
+        self._swap: dict[str, Any] | None = None  # kwargs for layers > K in the current forward
+        self._swap_len: int | None = None
+        self._record: _Record | None = None
+        self._fill_kv_lengths = False
+        layers = decoder.layers
+        self._hooks = [
+            layers[layer - 1].register_forward_pre_hook(self._score_hook, with_kwargs=True),
+            layers[layer].register_forward_pre_hook(self._merge_hook, with_kwargs=True),
+        ]
+        self._hooks += [
+            layers[i].register_forward_pre_hook(self._swap_hook, with_kwargs=True)
+            for i in range(layer + 1, len(layers))
+        ]
+        self._hooks.append(layers[-1].register_forward_hook(self._after_last_hook, with_kwargs=True))
+
+    # ------------------------------------------------------------------ public
+    def arm(self, visual_start: int, visual_len: int) -> None:
+        """Merge span ``[visual_start, visual_start + visual_len)`` of the next prefill (query length > 1)."""
+        if not self._hooks:
+            raise ModelError("this inner-merge handle was removed", hint="attach a new handle to the decoder")
+        if int(visual_start) < 0 or int(visual_len) < 1:
+            raise ConfigError(
+                f"invalid visual span start={visual_start} length={visual_len}",
+                hint="the start must be >= 0 and the length >= 1",
+            )
+        self._span = (int(visual_start), int(visual_len))
+
+    def disarm(self) -> None:
+        """Forget an armed span that has not been used yet."""
+        self._span = None
+
+    @property
+    def armed(self) -> bool:
+        return self._span is not None
+
+    def remove(self) -> None:
+        """Remove every hook and forget all state; the decoder then behaves exactly as before."""
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks = []
+        self._span = self._pending = self._swap = self._record = None
+        _ACTIVE.discard(self.decoder)
+
+    def __enter__(self) -> InnerMergeHandle:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.remove()
+
+    # ------------------------------------------------------------------ hooks
+    def _score_hook(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        """Layer K-1: last-query attention over the visual span (prefill only, once armed)."""
+        self._pending = None
+        hidden = _hidden_from(args, kwargs)  # (B, n, C): input of layer K-1
+        if self._span is None or hidden.shape[1] <= 1:
+            return None
+        _check_batch(hidden)
+        start, length = self._span
+        self._span = None  # one prefill consumes the armed span
+        n = hidden.shape[1]
+        if start + length > n:
+            raise ModelError(
+                f"visual span [{start}, {start + length}) lies outside the prompt of {n} tokens",
+                hint="arm the handle with the span of the visual tokens in the prompt being prefilled",
+            )
+        cache = kwargs.get("past_key_values")
+        if cache is not None:
+            if getattr(cache, "is_compileable", False):
+                raise ModelError(
+                    "the inner merge needs a DynamicCache (layers >= K hold fewer tokens)",
+                    hint="do not use a static or compiled cache together with the inner merge",
+                )
+            if cache.get_seq_length(self.layer - 1) != 0:
+                raise ModelError(
+                    "the inner merge needs the whole prompt in one prefill (the cache was not empty)",
+                    hint="start from an empty cache when the inner merge is armed",
+                )
+        # Deliberate difference from the reference: it asks layer K-1 for attention weights, which under SDPA
+        # falls back to eager attention WITHOUT the causal mask, so its layer K-1 runs bidirectionally in
+        # prefill. Here the layer runs untouched (causal); only the last query's row is recomputed aside.
+        scores = _last_query_attention(module, hidden, kwargs)  # (n,)
+        self._pending = (scores[start : start + length], start, length, n)
+        return None
+
+    def _merge_hook(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        """Layer K: merge and shorten (prefill), or slice a 4-D mask for the shorter cache (decode)."""
+        self._swap = self._swap_len = None
+        self._fill_kv_lengths = False
+        hidden = _hidden_from(args, kwargs)  # (B, n, C): output of layer K-1
+        pending, self._pending = self._pending, None
+        if pending is not None and hidden.shape[1] == pending[3]:
+            return self._merge(args, kwargs, hidden, *pending)
+        mask = kwargs.get("attention_mask")
+        if isinstance(mask, torch.Tensor) and mask.dim() == 4:
+            new_mask = self._decode_mask(mask, hidden.shape[1], kwargs.get("past_key_values"))
+            if new_mask is not mask:
+                self._swap, self._swap_len = {"attention_mask": new_mask}, hidden.shape[1]
+                return args, {**kwargs, "attention_mask": new_mask}
+        return None
+
+    def _swap_hook(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        """Layers > K: use the shortened kwargs prepared at layer K in this same forward pass."""
+        if self._swap is None or _hidden_from(args, kwargs).shape[1] != self._swap_len:
+            return None
+        return args, {**kwargs, **self._swap}
+
+    def _after_last_hook(self, module: torch.nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        """End of a forward pass: drop its swapped kwargs; after a merging prefill, record cache lengths."""
+        self._swap = self._swap_len = None
+        if not self._fill_kv_lengths:
+            return None
+        self._fill_kv_lengths = False
+        cache = kwargs.get("past_key_values")
+        if cache is not None and self.stats is not None:
+            lengths = [int(cache.get_seq_length(i)) for i in range(len(self.decoder.layers))]
+            self.stats = dataclasses.replace(self.stats, kv_lengths=lengths)
+        return None
+
+    # ------------------------------------------------------------------ work
+    def _merge(
+        self,
+        args: tuple,
+        kwargs: dict,
+        hidden: torch.Tensor,
+        scores: torch.Tensor,
+        start: int,
+        num: int,
+        n: int,
+    ) -> tuple[tuple, dict] | None:
+        _check_batch(hidden)
+        merged, kept = merge_visual_states(
+            hidden[0, start : start + num], scores, self.prune_ratio
+        )  # (k,C),(k,)
+        keep = int(kept.numel())
+        self.stats = InnerMergeStats(visual_before=num, visual_after=keep)
+        self.scores, self.kept_index = scores.detach(), kept.detach()
+        self._fill_kv_lengths = True
+        if keep == num:  # nothing removed: leave every tensor untouched (bit-exact with the plain model)
+            self._record = None
+            return None
+        device = hidden.device
+        keep_full = torch.cat(
+            [
+                torch.arange(start, device=device),
+                kept.to(device) + start,
+                torch.arange(start + num, n, device=device),
+            ]
+        )  # (n',) ascending positions kept at layers >= K
+        new_hidden = torch.cat([hidden[:, :start], merged[None], hidden[:, start + num :]], dim=1)  # (1,n',C)
+        swap: dict[str, Any] = {}
+        cos, sin = kwargs["position_embeddings"]  # (1, n, d) each
+        swap["position_embeddings"] = (cos.index_select(1, keep_full), sin.index_select(1, keep_full))
+        if kwargs.get("position_ids") is not None:
+            swap["position_ids"] = kwargs["position_ids"].index_select(-1, keep_full)  # (1, n')
+        mask = kwargs.get("attention_mask")
+        if isinstance(mask, torch.Tensor) and mask.dim() == 4:  # (1, 1, n, n): keep rows and columns
+            swap["attention_mask"] = mask.index_select(2, keep_full).index_select(3, keep_full)
+        elif mask is not None:
+            raise ModelError(
+                f"unsupported attention mask of type {type(mask).__name__} for the inner merge",
+                hint=f"load the model with attn_implementation in {_SUPPORTED_ATTENTION}",
+            )
+        cache = kwargs.get("past_key_values")
+        self._record = _Record(weakref.ref(cache) if cache is not None else None, keep_full, n)
+        self._swap, self._swap_len = swap, int(keep_full.numel())
+        args, kwargs = _with_hidden(args, kwargs, new_hidden)
+        return args, {**kwargs, **swap}
+
+    def _decode_mask(self, mask: torch.Tensor, q_len: int, cache: Any) -> torch.Tensor:
+        """Columns of a layer-0-sized 4-D mask (1, 1|H, q, kv0) that the shorter layers >= K attend to."""
+        if cache is None:
+            return mask
+        expected = int(cache.get_seq_length(self.layer)) + q_len  # kv length of layer K after its update
+        if mask.shape[-1] == expected:
+            return mask
+        record = self._record
+        if (
+            record is None
+            or record.cache is None
+            or record.cache() is not cache
+            or mask.shape[-1] - expected != record.full_len - record.keep_full.numel()
+        ):
+            raise ModelError(
+                f"attention mask of length {mask.shape[-1]} does not fit layer {self.layer}'s cache "
+                f"of {expected - q_len} tokens",
+                hint="continue decoding with the cache of the merged prefill, or remove the hooks",
+            )
+        after = torch.arange(record.full_len, mask.shape[-1], device=mask.device)
+        cols = torch.cat([record.keep_full.to(mask.device), after])  # (expected,)
+        return mask.index_select(3, cols)
+
+
+def _check_batch(hidden: torch.Tensor) -> None:
+    if hidden.shape[0] != 1:
+        raise ModelError(
+            f"the inner merge supports batch size 1 only, got a batch of {hidden.shape[0]}",
+            hint="ask about one video at a time",
+        )
+
+
+def _last_query_attention(layer: torch.nn.Module, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
+    """Softmax attention of the last query of ``layer`` over all n keys, mean over heads.
+
+    Args:
+        layer: a Qwen2 decoder layer (``input_layernorm``, ``self_attn.{q,k}_proj``).
+        hidden: (1, n, C) input of that layer.
+        kwargs: the layer's call kwargs: ``position_embeddings`` (cos, sin) each (1, n, d), optional 4-D
+            ``attention_mask`` (1, 1|H, n, n), bool (True = attend) or additive float.
+
+    Returns:
+        (n,) float32 probabilities (they sum to 1 over the keys the last query may see).
+    """
+    attn = layer.self_attn
+    d = attn.head_dim
+    x = layer.input_layernorm(hidden)  # (1, n, C)
+    q = attn.q_proj(x[:, -1:]).view(1, 1, -1, d).transpose(1, 2).float()  # (1, H, 1, d)
+    k = attn.k_proj(x).view(1, x.shape[1], -1, d).transpose(1, 2).float()  # (1, KV, n, d)
+    cos, sin = (t.float()[:, None] for t in kwargs["position_embeddings"])  # (1, 1, n, d)
+    q = q * cos[:, :, -1:] + _rotate_half(q) * sin[:, :, -1:]
+    k = k * cos + _rotate_half(k) * sin
+    k = k.repeat_interleave(attn.num_key_value_groups, dim=1)  # (1, H, n, d)
+    logits = (q @ k.transpose(2, 3)) * attn.scaling  # (1, H, 1, n)
+    mask = kwargs.get("attention_mask")
+    if isinstance(mask, torch.Tensor) and mask.dim() == 4:
+        row = mask[:, :, -1:, :]  # (1, 1|H, 1, n) the last query's mask row
+        is_bool = row.dtype == torch.bool
+        logits = logits.masked_fill(~row, float("-inf")) if is_bool else logits + row.float()
+    probs = torch.softmax(logits, dim=-1)  # (1, H, 1, n)
+    return probs[0, :, 0].mean(dim=0)  # (n,)
+
+
+def attach_inner_merge(decoder: torch.nn.Module, layer: int, prune_ratio: float) -> InnerMergeHandle:
+    """Hook HoliTom's inner merge into one Qwen2 decoder instance (other instances are unaffected).
+
+    Args:
+        decoder: the ``Qwen2Model`` (``.layers``, ``.config``), e.g. ``model.model`` of a Qwen2ForCausalLM or
+            ``model.model.language_model`` of LLaVA-OneVision.
+        layer: K, the first layer that runs on the shortened sequence, ``1 <= K < num_layers``.
+        prune_ratio: fraction of the visual span removed at layer K, in [0, 1) (0 keeps every token).
+
+    Returns:
+        An :class:`InnerMergeHandle`: inert until ``arm`` is called; ``remove()`` restores the decoder.
+    """
+    layers = getattr(decoder, "layers", None)
+    if layers is None or not hasattr(decoder, "config"):
+        raise ModelError(
+            f"{type(decoder).__name__} is not a decoder with .layers",
+            hint="pass the Qwen2Model (model.model; model.model.language_model for LLaVA-OneVision)",
+        )
+    num_layers = len(layers)
+    if isinstance(layer, bool) or not isinstance(layer, int) or not 1 <= layer < num_layers:
+        raise ConfigError(
+            f"inner layer must be an integer in [1, {num_layers - 1}], got {layer!r}",
+            hint=f"this language model has {num_layers} layers; choose K between 1 and {num_layers - 1}",
+        )
+    if not 0.0 <= float(prune_ratio) < 1.0:
+        raise ConfigError(
+            f"inner prune ratio must be in [0, 1), got {prune_ratio!r}",
+            hint="use e.g. 0.5 (the paper's value)",
+        )
+    config = decoder.config
+    impl = getattr(config, "_attn_implementation", None)
+    if impl not in _SUPPORTED_ATTENTION:
+        raise ModelError(
+            f"the inner merge supports attention implementations {_SUPPORTED_ATTENTION}, not {impl!r}",
+            hint="load the model with attn_implementation='sdpa' (or 'eager')",
+        )
+    if any(t != "full_attention" for t in getattr(config, "layer_types", None) or []):
+        raise ModelError(
+            "the inner merge does not support sliding-window attention layers",
+            hint="use a checkpoint with use_sliding_window=false (all Qwen2 LLaVA-OneVision models)",
+        )
+    if decoder in _ACTIVE:
+        raise ModelError(
+            "this decoder already has inner-merge hooks attached",
+            hint="call remove() on the existing handle before attaching a new one",
+        )
+    handle = InnerMergeHandle(decoder, layer, float(prune_ratio))
+    _ACTIVE.add(decoder)
+    return handle
