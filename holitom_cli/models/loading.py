@@ -1,0 +1,357 @@
+"""Resolving, downloading and loading checkpoints; the family registry; device and dtype selection.
+
+``load_model(model, ...)`` accepts a Hugging Face hub id (downloaded with huggingface-hub into the standard
+cache, which honours ``HF_HOME``, ``HF_HUB_CACHE`` and ``HF_HUB_OFFLINE``; progress bars go to stderr) or a
+local folder. It reads the checkpoint's ``config.json``, picks the family adapter registered for its
+``model_type`` in ``FAMILIES`` (adding a family = one module with a ``load(path, ...)`` function + one line
+here) and returns a :class:`VideoLanguageModel`. ``trust_remote_code`` is never used: families are implemented
+here.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from holitom_cli.errors import ConfigError, ModelError
+
+if TYPE_CHECKING:
+    import torch
+
+#: config.json ``model_type`` -> module implementing the family (it defines ``load(path, *, device, dtype,
+#: quantize, name)`` returning a VideoLanguageModel).
+FAMILIES: dict[str, str] = {
+    "llava_onevision": "holitom_cli.models.llava_onevision",
+}
+SUPPORTED_FAMILIES: tuple[str, ...] = tuple(FAMILIES)
+
+DEVICES = ("auto", "cpu", "cuda", "mps")
+DTYPES = {
+    "float32": "float32",
+    "fp32": "float32",
+    "bfloat16": "bfloat16",
+    "bf16": "bfloat16",
+    "float16": "float16",
+    "fp16": "float16",
+    "half": "float16",
+}
+QUANTIZE = ("8bit", "4bit")
+
+# Files a checkpoint needs (weights only as safetensors: never pickles).
+_ALLOW_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "*.txt", "*.model", "*.tiktoken"]
+_OFFLINE_HINT = (
+    "download it first while online (`holitom download {model}`), or pass a local checkpoint folder"
+)
+
+
+class VideoLanguageModel:
+    """A loaded video LLM of one family: what the pipeline needs, nothing of transformers leaks out.
+
+    Subclasses set ``name``, ``family``, ``device``, ``dtype``, ``model``, ``tokenizer`` and implement the
+    methods below (see ``llava_onevision.LlavaOneVision`` for shapes).
+    """
+
+    name: str
+    family: str
+    path: Path
+    device: torch.device
+    dtype: torch.dtype
+    quantize: str | None = None
+
+    @property
+    def num_layers(self) -> int:  # language model decoder layers
+        raise NotImplementedError
+
+    @property
+    def tokens_per_frame(self) -> int:  # N: pooled visual tokens per frame
+        raise NotImplementedError
+
+    @property
+    def decoder(self) -> Any:  # the language model's decoder (``.layers``), where the inner stage hooks in
+        raise NotImplementedError
+
+    def language_dims(self) -> dict[str, int]:
+        """num_layers, hidden_size, intermediate_size, num_heads, num_kv_heads, vocab_size."""
+        raise NotImplementedError
+
+    def vision_dims(self) -> dict[str, int]:
+        """num_layers, hidden_size, intermediate_size, num_heads, num_patches, projector_dim, ..."""
+        raise NotImplementedError
+
+    def preprocess(self, frames: Any) -> torch.Tensor:
+        raise NotImplementedError
+
+    def encode_video(self, pixel_values: torch.Tensor) -> Any:
+        raise NotImplementedError
+
+    def build_prompt(self, question: str, num_visual: int) -> tuple[torch.Tensor, int]:
+        raise NotImplementedError
+
+    def generate(self, input_ids: torch.Tensor, visual_embeds: torch.Tensor, **kwargs: Any) -> Any:
+        raise NotImplementedError
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "family": self.family,
+            "device": str(self.device),
+            "dtype": str(self.dtype).replace("torch.", ""),
+            "quantize": self.quantize,
+        }
+
+
+# ----------------------------------------------------------------------------------------------- device /
+# dtype
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    """``auto`` -> cuda, then mps, then cpu; an explicit device must exist (``cuda:1`` accepted)."""
+    import torch
+
+    if not isinstance(device, str) or device.split(":")[0] not in DEVICES:
+        raise ConfigError(f"unknown device {device!r}", hint=f"use one of: {', '.join(DEVICES)} (or cuda:N)")
+    kind = device.split(":")[0]
+    if kind == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(
+            "device 'cuda' requested but no CUDA GPU is available", hint="use --device cpu or auto"
+        )
+    if kind == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise ConfigError("device 'mps' requested but MPS is not available", hint="use --device cpu or auto")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """``auto``: bf16 on GPUs and CPUs with native bf16, fp16 on older GPUs and mps, else fp32."""
+    import torch
+
+    if dtype != "auto":
+        if dtype not in DTYPES:
+            names = ", ".join(["auto", "float32", "bfloat16", "float16"])
+            raise ConfigError(f"unknown dtype {dtype!r}", hint=f"use one of: {names}")
+        return getattr(torch, DTYPES[dtype])
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if device.type == "mps":
+        return torch.float16
+    try:
+        native_bf16 = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        native_bf16 = False
+    return torch.bfloat16 if native_bf16 else torch.float32
+
+
+# ----------------------------------------------------------------------------------------------- hub / cache
+
+
+def _looks_like_path(model: str) -> bool:
+    """A path rather than a hub id ("owner/name"): explicit prefixes, backslashes, several slashes."""
+    return model.startswith((".", "/", "~")) or "\\" in model or model.count("/") > 1 or Path(model).exists()
+
+
+def _hub_error(exc: Exception, model: str, revision: str | None) -> ModelError:
+    from huggingface_hub import errors
+
+    if isinstance(exc, errors.GatedRepoError):
+        return ModelError(
+            f"{model} is a gated model", hint="accept its licence on the hub and run `hf auth login`"
+        )
+    if isinstance(exc, errors.RevisionNotFoundError):
+        return ModelError(
+            f"revision {revision!r} not found for {model}", hint="check the branch, tag or commit"
+        )
+    if isinstance(exc, errors.RepositoryNotFoundError):
+        return ModelError(
+            f"no model named {model!r} on the Hugging Face hub (or it is private)",
+            hint="check the id, e.g. llava-hf/llava-onevision-qwen2-0.5b-ov-hf, or pass a local folder",
+        )
+    if isinstance(exc, errors.LocalEntryNotFoundError):
+        return ModelError(
+            f"{model} is not in the local cache and the hub cannot be reached (offline or no network)",
+            hint=_OFFLINE_HINT.format(model=model),
+        )
+    if isinstance(exc, errors.HFValidationError):
+        return ModelError(
+            f"{model!r} is neither a local folder nor a valid hub id", hint="use owner/name or a path"
+        )
+    return ModelError(
+        f"could not download {model}: {exc}", hint="check your network connection and the model id"
+    )
+
+
+def resolve_checkpoint(model: str, *, revision: str | None = None, offline: bool = False) -> Path:
+    """A local folder, or a hub id downloaded (or found, when offline) in the standard cache."""
+    if not isinstance(model, str) or not model.strip():
+        raise ConfigError("no model given", hint="pass a hub id or a local checkpoint folder")
+    local = Path(model).expanduser()
+    if local.is_dir():
+        return local
+    if _looks_like_path(model):
+        raise ModelError(
+            f"model folder not found: {model}", hint="check the path, or give a hub id (owner/name)"
+        )
+    from huggingface_hub import snapshot_download
+
+    try:
+        folder = snapshot_download(
+            model, revision=revision, local_files_only=offline, allow_patterns=_ALLOW_PATTERNS
+        )
+    except Exception as exc:  # huggingface_hub raises many kinds; all become ModelError
+        raise _hub_error(exc, model, revision) from exc
+    return Path(folder)
+
+
+def download_model(model: str, revision: str | None = None) -> Path:
+    """Download a hub checkpoint into the standard cache (progress on stderr) and return its folder."""
+    path = resolve_checkpoint(model, revision=revision, offline=False)
+    read_model_type(path)  # fail early on an unsupported architecture
+    return path
+
+
+def read_model_type(path: Path) -> str:
+    """The checkpoint's ``model_type``; ModelError when missing or unsupported."""
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise ModelError(
+            f"{path} has no config.json, so it is not a model checkpoint",
+            hint="pass the folder that holds config.json and the weights",
+        )
+    try:
+        config = json.loads(config_file.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ModelError(
+            f"cannot read {config_file}: {exc}", hint="the checkpoint is damaged; download it again"
+        ) from exc
+    model_type = config.get("model_type")
+    if model_type not in FAMILIES:
+        raise ModelError(
+            f"unsupported model architecture {model_type!r} in {path}",
+            hint=f"supported families: {', '.join(SUPPORTED_FAMILIES)} "
+            "(e.g. llava-hf/llava-onevision-qwen2-7b-ov-hf)",
+        )
+    return model_type
+
+
+@dataclass(frozen=True)
+class CachedModel:
+    """One model repository in the local Hugging Face cache."""
+
+    repo_id: str
+    size_bytes: int
+    revisions: tuple[str, ...]  # commit hashes (first 12 characters)
+    refs: tuple[str, ...]  # branch / tag names pointing into the cache
+    last_modified: float
+    model_type: str | None
+    supported: bool
+    path: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "repo_id": self.repo_id,
+            "size_bytes": self.size_bytes,
+            "revisions": list(self.revisions),
+            "refs": list(self.refs),
+            "last_modified": self.last_modified,
+            "model_type": self.model_type,
+            "supported": self.supported,
+            "path": self.path,
+        }
+
+
+def list_cached_models(cache_dir: str | Path | None = None) -> list[CachedModel]:
+    """Models in the local Hugging Face cache (``HF_HOME`` / ``HF_HUB_CACHE``), newest first."""
+    from huggingface_hub import scan_cache_dir
+    from huggingface_hub.errors import CacheNotFound
+
+    try:
+        info = scan_cache_dir(cache_dir)
+    except CacheNotFound:
+        return []
+    found: list[CachedModel] = []
+    for repo in info.repos:
+        if repo.repo_type != "model":
+            continue
+        model_type = None
+        for revision in sorted(repo.revisions, key=lambda r: r.last_modified, reverse=True):
+            config_file = Path(revision.snapshot_path) / "config.json"
+            if config_file.is_file():
+                try:
+                    model_type = json.loads(config_file.read_text()).get("model_type")
+                except (OSError, json.JSONDecodeError):
+                    model_type = None
+                break
+        refs = sorted({ref for revision in repo.revisions for ref in revision.refs})
+        found.append(
+            CachedModel(
+                repo_id=repo.repo_id,
+                size_bytes=int(repo.size_on_disk),
+                revisions=tuple(sorted(r.commit_hash[:12] for r in repo.revisions)),
+                refs=tuple(refs),
+                last_modified=float(repo.last_modified),
+                model_type=model_type,
+                supported=model_type in FAMILIES,
+                path=str(repo.repo_path),
+            )
+        )
+    found.sort(key=lambda m: m.last_modified, reverse=True)
+    return found
+
+
+# ----------------------------------------------------------------------------------------------- loading
+
+
+def quantization_config(quantize: str | None, dtype: torch.dtype) -> Any:
+    """bitsandbytes settings for the language model only (vision tower, projector, lm_head unquantized)."""
+    if quantize is None:
+        return None
+    if quantize not in QUANTIZE:
+        raise ConfigError(f"unknown quantization {quantize!r}", hint="use 8bit or 4bit")
+    try:
+        import bitsandbytes  # noqa: F401
+    except Exception as exc:  # ImportError, or a broken native library
+        raise ModelError(
+            f"{quantize} quantization needs bitsandbytes, which cannot be imported ({exc})",
+            hint='install it with `pip install "holitom[quant]"`, or run without --quantize',
+        ) from exc
+    from transformers import BitsAndBytesConfig
+
+    # Patterns match module names from their start: a bare "vision_tower" would silently match nothing.
+    skip = ["model.vision_tower", "model.multi_modal_projector", "lm_head"]
+    if quantize == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
+    return BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype, llm_int8_skip_modules=skip
+    )
+
+
+def load_model(
+    model: str,
+    *,
+    revision: str | None = None,
+    device: str = "auto",
+    dtype: str = "auto",
+    quantize: str | None = None,
+    offline: bool = False,
+) -> VideoLanguageModel:
+    """Load a checkpoint (hub id or local folder) as a :class:`VideoLanguageModel`.
+
+    Raises ConfigError for bad device / dtype / quantize values and ModelError for checkpoints that cannot be
+    found, downloaded, read or are of an unsupported architecture.
+    """
+    torch_device = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, torch_device)
+    quant = quantization_config(quantize, torch_dtype)
+    path = resolve_checkpoint(model, revision=revision, offline=offline)
+    family = read_model_type(path)
+    module = importlib.import_module(FAMILIES[family])
+    return module.load(
+        path, device=torch_device, dtype=torch_dtype, quantization=quant, quantize=quantize, name=model
+    )

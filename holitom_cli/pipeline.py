@@ -1,0 +1,394 @@
+"""Load a model once, prepare a video once, answer many questions about it; with timings and statistics.
+
+```python
+pipe = Pipeline.load("llava-hf/llava-onevision-qwen2-0.5b-ov-hf")
+video = pipe.prepare_video("clip.mp4", SamplingOptions(frames=32))   # decode + vision tower, once
+answer = pipe.ask(video, "What happens?", get_preset("balanced"), GenerationOptions(), on_text=print)
+answer.text, answer.stats.to_dict()
+```
+
+The decoded frames, the vision features and attention (``prepare_video``) and the outer compression
+(``compress``, cached on the PreparedVideo per outer setting) do not depend on the question, so further
+questions about the same video only run the language model. See docs/pipeline.md.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from holitom_cli.errors import ConfigError
+from holitom_cli.stats import AnswerStats, FlopStats, InnerStats, TimingStats, TokenStats, peak_memory_bytes
+from holitom_cli.video import VideoClip, load_video
+
+__all__ = ["Answer", "GenerationOptions", "Pipeline", "PreparedVideo", "SamplingOptions"]
+
+
+@dataclass(frozen=True)
+class SamplingOptions:
+    """Which frames to take: ``frames`` uniformly, or ``fps`` frames per second capped at ``max_frames``.
+
+    With ``fps`` set, ``frames`` is ignored (and may be None).
+    """
+
+    frames: int | None = 32
+    fps: float | None = None
+    max_frames: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.frames is None and self.fps is None:
+            raise ConfigError("give a number of frames or an fps", hint="e.g. --frames 32 or --fps 1")
+        if self.frames is not None and (
+            isinstance(self.frames, bool) or not isinstance(self.frames, int) or self.frames < 1
+        ):
+            raise ConfigError(f"frames must be an integer >= 1, got {self.frames!r}", hint="e.g. --frames 32")
+        if self.fps is not None and (
+            isinstance(self.fps, bool)
+            or not isinstance(self.fps, int | float)
+            or not math.isfinite(self.fps)
+            or self.fps <= 0
+        ):
+            raise ConfigError(f"fps must be a number > 0, got {self.fps!r}", hint="e.g. --fps 1")
+        if self.max_frames is not None and (
+            isinstance(self.max_frames, bool) or not isinstance(self.max_frames, int) or self.max_frames < 1
+        ):
+            raise ConfigError(
+                f"max_frames must be an integer >= 1, got {self.max_frames!r}", hint="e.g. --max-frames 64"
+            )
+
+
+@dataclass(frozen=True)
+class GenerationOptions:
+    """Decoding settings: greedy when ``temperature`` is 0; ``top_p`` only applies when sampling."""
+
+    max_new_tokens: int = 256
+    temperature: float = 0.0
+    top_p: float | None = None
+    seed: int | None = None  # seeds torch's RNG before sampling (reproducible answers with temperature > 0)
+
+    def __post_init__(self) -> None:
+        n = self.max_new_tokens
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ConfigError(
+                f"max_new_tokens must be an integer >= 1, got {n!r}", hint="e.g. --max-new-tokens 256"
+            )
+        t = self.temperature
+        if isinstance(t, bool) or not isinstance(t, int | float) or not math.isfinite(t) or t < 0:
+            raise ConfigError(f"temperature must be a number >= 0, got {t!r}", hint="0 means greedy decoding")
+        p = self.top_p
+        if p is not None and (isinstance(p, bool) or not isinstance(p, int | float) or not 0 < p <= 1):
+            raise ConfigError(f"top_p must be a number in (0, 1], got {p!r}", hint="e.g. --top-p 0.9")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "max_new_tokens": self.max_new_tokens,
+            "temperature": self.temperature,
+            "top_p": self.top_p,
+            "seed": self.seed,
+        }
+
+
+@dataclass
+class PreparedVideo:
+    """A decoded video and its question-independent vision outputs, reused by every question.
+
+    clip: the decoded frames (T, H, W, 3) uint8 RGB and their metadata; features: (T, N, C) projected pooled
+    tokens; attention: (T, N) float32 vision saliency; newline: (C,) the ``image_newline`` embedding.
+    """
+
+    clip: VideoClip
+    features: Any
+    attention: Any
+    newline: Any
+    grid: tuple[int, int]
+    vision_s: float
+    model_name: str
+    _compressed: dict[tuple, tuple[Any, float]] = field(default_factory=dict, repr=False)
+
+    @property
+    def num_frames(self) -> int:
+        return int(self.features.shape[0])
+
+    @property
+    def tokens_per_frame(self) -> int:
+        return int(self.features.shape[1])
+
+    @property
+    def decode_s(self) -> float:
+        return self.clip.decode_s
+
+    @property
+    def path(self) -> str:
+        return self.clip.meta.path
+
+
+@dataclass
+class Answer:
+    """The generated text and its statistics (``stats.to_dict()`` is the CLI's JSON)."""
+
+    text: str
+    stats: AnswerStats
+    token_ids: list[int] = field(default_factory=list)
+    compression: Any = None  # the CompressionResult used, or None without HoliTom
+
+
+def _outer_key(cfg: Any) -> tuple:
+    return (cfg.retain_ratio, cfg.tau, cfg.beta, cfg.dpc_k, cfg.max_window)
+
+
+def _sync(device: Any) -> None:
+    if getattr(device, "type", None) == "cuda":
+        import torch
+
+        torch.cuda.synchronize(device)
+
+
+class Pipeline:
+    """A loaded video LLM and the HoliTom stages around it."""
+
+    def __init__(self, model: Any) -> None:
+        self.model = model  # a holitom_cli.models.VideoLanguageModel
+
+    @classmethod
+    def load(
+        cls,
+        model: str,
+        revision: str | None = None,
+        device: str = "auto",
+        dtype: str = "auto",
+        quantize: str | None = None,
+        offline: bool = False,
+    ) -> Pipeline:
+        """Load a hub id or local checkpoint folder (see ``holitom_cli.models.load_model``)."""
+        from holitom_cli.models import load_model
+
+        return cls(
+            load_model(
+                model, revision=revision, device=device, dtype=dtype, quantize=quantize, offline=offline
+            )
+        )
+
+    # ------------------------------------------------------------------------------------------- video
+
+    def prepare_video(
+        self,
+        video: str | os.PathLike | VideoClip,
+        sampling: SamplingOptions | None = None,
+        on_progress: Any = None,
+    ) -> PreparedVideo:
+        """Decode ``video`` (a path, or an already decoded VideoClip) and run the vision tower once.
+
+        ``on_progress(frames_done, frames_total)`` is called as the vision tower gets through the frames.
+        """
+        sampling = sampling or SamplingOptions()
+        if isinstance(video, VideoClip):
+            clip = video
+        else:
+            clip = load_video(
+                video, num_frames=sampling.frames or 32, fps=sampling.fps, max_frames=sampling.max_frames
+            )
+        device = self.model.device
+        if getattr(device, "type", None) == "cuda":
+            import torch
+
+            torch.cuda.reset_peak_memory_stats(device)
+        _sync(device)
+        start = time.perf_counter()
+        pixels = self.model.preprocess(clip.frames)
+        vision = self.model.encode_video(pixels, on_progress=on_progress)
+        del pixels
+        _sync(device)
+        vision_s = time.perf_counter() - start
+        return PreparedVideo(
+            clip=clip,
+            features=vision.features,
+            attention=vision.attention,
+            newline=vision.newline,
+            grid=vision.grid,
+            vision_s=vision_s,
+            model_name=self.model.name,
+        )
+
+    def compress(self, video: PreparedVideo, cfg: Any) -> Any:
+        """HoliTom's outer stage on the video's tokens: a CompressionResult, cached per outer setting."""
+        return self._compress_timed(video, cfg)[0]
+
+    def _compress_timed(self, video: PreparedVideo, cfg: Any) -> tuple[Any, float, bool]:
+        from holitom_cli.compression import compress_video_tokens
+
+        key = _outer_key(cfg)
+        if key in video._compressed:
+            result, seconds = video._compressed[key]
+            return result, seconds, True
+        _sync(self.model.device)
+        start = time.perf_counter()
+        result = compress_video_tokens(video.features, video.attention, cfg)
+        _sync(self.model.device)
+        seconds = time.perf_counter() - start
+        video._compressed[key] = (result, seconds)
+        return result, seconds, False
+
+    # ------------------------------------------------------------------------------------------- questions
+
+    def ask(
+        self,
+        video: PreparedVideo,
+        question: str,
+        cfg: Any = None,
+        options: GenerationOptions | None = None,
+        on_text: Any = None,
+    ) -> Answer:
+        """Answer ``question`` about a prepared video; ``cfg`` a HoliTomConfig, or None for no compression.
+
+        ``on_text(piece)`` receives the answer's text as it is generated.
+        """
+        import torch
+
+        if not isinstance(question, str) or not question.strip():
+            raise ConfigError("the question is empty", hint="ask something about the video")
+        options = options or GenerationOptions()
+        if video.model_name != self.model.name:
+            raise ConfigError(
+                "this video was prepared with another model", hint="call prepare_video with this pipeline"
+            )
+        start = time.perf_counter()
+        frames, per_frame = video.num_frames, video.tokens_per_frame
+        compression, compress_s, compress_reused, inner_layer = None, 0.0, False, None
+        if cfg is None:
+            visual = video.features.reshape(frames * per_frame, -1)  # (T*N, C)
+            after_temporal = frames * per_frame
+        else:
+            compression, compress_s, compress_reused = self._compress_timed(video, cfg)
+            visual = compression.features  # (M, C)
+            after_temporal = compression.num_after_temporal
+            inner_layer = cfg.resolve_inner_layer(self.model.num_layers)
+        llm_start = time.perf_counter()
+        embeds = torch.cat([visual.to(video.newline.dtype), video.newline[None]])  # (M + 1, C)
+        input_ids, visual_start = self.model.build_prompt(question, int(embeds.shape[0]))
+        if options.seed is not None:
+            torch.manual_seed(options.seed)
+        result = self.model.generate(
+            input_ids,
+            embeds,
+            max_new_tokens=options.max_new_tokens,
+            temperature=options.temperature,
+            top_p=options.top_p,
+            on_text=on_text,
+            inner_layer=inner_layer,
+            inner_prune_ratio=cfg.inner_prune_ratio if cfg is not None else 0.0,
+            visual_start=visual_start,
+        )
+        end = time.perf_counter()
+        into_llm = int(embeds.shape[0])
+        inner = None
+        if inner_layer is not None:
+            st = result.inner_stats
+            before = st.visual_before if st is not None else into_llm
+            after = st.visual_after if st is not None else into_llm
+            kv = list(st.kv_lengths) if st is not None and st.kv_lengths is not None else None
+            inner = InnerStats(inner_layer, float(cfg.inner_prune_ratio), before, after, kv)
+        prompt_without_video = result.prompt_tokens - into_llm
+        tokens = TokenStats(
+            input=frames * per_frame,
+            after_temporal=int(after_temporal),
+            into_llm=into_llm,
+            after_inner=inner.visual_after if inner is not None else into_llm,
+        )
+        flops = self._flops(frames, per_frame, prompt_without_video, tokens, inner, compression)
+        llm_to_first_token = (result.started_at - llm_start) + result.prefill_s
+        timings = TimingStats(
+            decode_video_s=video.decode_s,
+            vision_s=video.vision_s,
+            compress_s=compress_s,
+            prefill_s=result.prefill_s,
+            ttft_s=video.vision_s + compress_s + llm_to_first_token,
+            decode_tokens_per_s=result.decode_tokens_per_s,
+            total_s=end - start,
+        )
+        stats = AnswerStats(
+            tokens=tokens,
+            flops=flops,
+            timings=timings,
+            peak_memory_bytes=peak_memory_bytes(self.model.device),
+            kv_cache_bytes=result.kv_cache_bytes,
+            new_tokens=result.new_tokens,
+            prompt_tokens=result.prompt_tokens,
+            inner=inner,
+            reused={"compression": compress_reused},
+            model=self.model.describe(),
+            video={
+                **video.clip.meta.to_dict(),
+                "sampled_frames": frames,
+                "indices": list(video.clip.indices),
+                "tokens_per_frame": per_frame,
+            },
+            holitom=cfg.to_dict() if cfg is not None else None,
+            generation=options.to_dict(),
+        )
+        return Answer(result.text, stats, list(result.token_ids), compression)
+
+    # ------------------------------------------------------------------------------------------- FLOPs
+
+    def _flops(
+        self,
+        frames: int,
+        per_frame: int,
+        text_tokens: int,
+        tokens: TokenStats,
+        inner: InnerStats | None,
+        compression: Any,
+    ) -> FlopStats:
+        from holitom_cli.compression import (
+            LanguageModelShape,
+            VisionShape,
+            exact_prefill_flops,
+            paper_prefill_flops,
+            vision_flops,
+        )
+
+        lm = self.model.language_dims()
+        shape = LanguageModelShape(
+            num_layers=lm["num_layers"],
+            hidden_size=lm["hidden_size"],
+            ffn_size=lm["intermediate_size"],
+            num_heads=lm["num_heads"],
+            num_kv_heads=lm["num_kv_heads"],
+            head_dim=lm["hidden_size"] // lm["num_heads"],
+            vocab_size=lm["vocab_size"],
+        )
+        full_visual = frames * per_frame
+        baseline = exact_prefill_flops(shape, text_tokens + full_visual + 1)["total"]
+        removed = (inner.visual_before - inner.visual_after) if inner is not None else 0
+        holitom = exact_prefill_flops(
+            shape, text_tokens + tokens.into_llm, removed, inner.layer if inner is not None else None
+        )["total"]
+        paper_kw = {
+            "num_layers": shape.num_layers,
+            "hidden_size": shape.hidden_size,
+            "ffn_size": shape.ffn_size,
+        }
+        paper_baseline = paper_prefill_flops(**paper_kw, visual_tokens=full_visual)
+        if compression is None:
+            paper_holitom = paper_baseline
+        else:
+            paper_holitom = paper_prefill_flops(
+                **paper_kw,
+                visual_tokens=compression.num_tokens,
+                inner_layer=inner.layer if inner is not None else None,
+                inner_prune_ratio=inner.prune_ratio if inner is not None else 0.0,
+            )
+        vd = self.model.vision_dims()
+        vshape = VisionShape(
+            num_layers=vd["num_layers"],
+            hidden_size=vd["hidden_size"],
+            intermediate_size=vd["intermediate_size"],
+            num_heads=vd["num_heads"],
+            patches=vd["num_patches"],
+            projector_in=vd["hidden_size"],
+            projector_hidden=vd["projector_dim"],
+            projector_out=vd["projector_dim"],
+        )
+        return FlopStats(baseline, holitom, paper_baseline, paper_holitom, vision_flops(vshape, frames))
