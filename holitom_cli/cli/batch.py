@@ -1,0 +1,354 @@
+"""``holitom batch INPUT -o out.jsonl``: many (video, question) pairs, one JSON line each, resumable.
+
+The model loads once; each video is decoded and encoded once for all its questions. Lines are written by
+:class:`holitom_cli.batchio.ResultStore` (one write + fsync per line), so a run killed at any moment resumes
+where it stopped; items that failed before are retried.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import signal
+import traceback
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from holitom_cli.cli.options import (
+    DEFAULT_MAX_NEW_TOKENS,
+    DEFAULT_MODEL,
+    PANEL_OUTPUT,
+    CompareBaselineOpt,
+    DeviceOpt,
+    DtypeOpt,
+    FpsOpt,
+    FramesOpt,
+    InnerLayerOpt,
+    InnerPruneRatioOpt,
+    MaxFramesOpt,
+    MaxNewTokensOpt,
+    ModelOpt,
+    NoCompressOpt,
+    NoInnerOpt,
+    OfflineOpt,
+    PresetOpt,
+    QuantizeOpt,
+    QuietLongOpt,
+    RetainRatioOpt,
+    RevisionOpt,
+    TauOpt,
+    TemperatureOpt,
+)
+from holitom_cli.cli.settings import build_config, sampling_options
+from holitom_cli.errors import ConfigError, HolitomError
+
+PANEL_INPUT = "Input"
+
+InputArg = Annotated[
+    Path,
+    typer.Argument(
+        help="A folder of videos, a manifest (.jsonl/.csv with 'video', 'question' columns) or one video.",
+        show_default=False,
+    ),
+]
+OutputOpt = Annotated[
+    Path,
+    typer.Option(
+        "--output",
+        "-o",
+        help="JSONL file to write (appended to; existing answers are skipped).",
+        rich_help_panel=PANEL_OUTPUT,
+        show_default=False,
+        dir_okay=False,
+    ),
+]
+RecursiveOpt = Annotated[
+    bool,
+    typer.Option(
+        "--recursive", "-r", help="Look for videos in sub-folders too.", rich_help_panel=PANEL_INPUT
+    ),
+]
+QuestionOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--question",
+        "-q",
+        help="A question to ask about every video (repeatable).",
+        rich_help_panel=PANEL_INPUT,
+        show_default=False,
+    ),
+]
+QuestionsFileOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--questions",
+        help="Text file with one question per line, asked about every video.",
+        rich_help_panel=PANEL_INPUT,
+        show_default=False,
+        dir_okay=False,
+    ),
+]
+
+
+def collect_items(input_path: Path, recursive: bool, questions: list[str]) -> list:
+    """The (video, question) items described by INPUT and the questions (see ``holitom_cli.batchio``)."""
+    from holitom_cli import batchio
+    from holitom_cli.video import VIDEO_EXTENSIONS
+
+    if not input_path.exists():
+        raise ConfigError(
+            f"input not found: {input_path}", hint="Pass a folder of videos or a .jsonl/.csv manifest."
+        )
+    if input_path.is_dir():
+        videos = batchio.find_videos(input_path, VIDEO_EXTENSIONS, recursive=recursive)
+        if not videos:
+            raise ConfigError(
+                f"no videos in {input_path}" + ("" if recursive else " (sub-folders not searched)"),
+                hint=f"Known extensions: {' '.join(VIDEO_EXTENSIONS)}"
+                + ("" if recursive else "; add --recursive to search sub-folders."),
+            )
+        rows = [(v, None) for v in videos]
+    elif input_path.suffix.lower() in batchio.MANIFEST_SUFFIXES:
+        rows = batchio.read_manifest(input_path)
+    else:
+        rows = [(input_path.resolve(), None)]
+    return batchio.build_items(rows, questions)
+
+
+class _StopFlag:
+    """First Ctrl-C: finish the current item, then stop. Second Ctrl-C: stop now (KeyboardInterrupt)."""
+
+    def __init__(self, console: Any) -> None:
+        self.requested = False
+        self.console = console
+
+    def handle(self, signum: int, frame: Any) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        self.console.print(
+            "[yellow]Stopping after the current item (press Ctrl-C again to stop now).[/yellow]"
+        )
+
+
+@contextmanager
+def _sigint(flag: _StopFlag):
+    try:
+        previous = signal.signal(signal.SIGINT, flag.handle)
+    except ValueError:  # not the main thread: keep the default behaviour
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def batch_command(
+    input_path: InputArg,
+    output: OutputOpt,
+    question: QuestionOpt = None,
+    questions_file: QuestionsFileOpt = None,
+    recursive: RecursiveOpt = False,
+    model: ModelOpt = DEFAULT_MODEL,
+    revision: RevisionOpt = None,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
+    quantize: QuantizeOpt = None,
+    offline: OfflineOpt = False,
+    preset: PresetOpt = None,
+    retain_ratio: RetainRatioOpt = None,
+    tau: TauOpt = None,
+    inner_layer: InnerLayerOpt = None,
+    inner_prune_ratio: InnerPruneRatioOpt = None,
+    no_inner: NoInnerOpt = False,
+    no_compress: NoCompressOpt = False,
+    compare_baseline: CompareBaselineOpt = False,
+    frames: FramesOpt = None,
+    fps: FpsOpt = None,
+    max_frames: MaxFramesOpt = None,
+    max_new_tokens: MaxNewTokensOpt = DEFAULT_MAX_NEW_TOKENS,
+    temperature: TemperatureOpt = 0.0,
+    quiet: QuietLongOpt = False,
+) -> None:
+    """Answer questions about many videos, one JSON line per (video, question).
+
+    Lines have the schema of 'ask --json' plus 'error' (null, or why the item failed). Re-running the same
+    command skips what is already answered and retries what failed; a run interrupted at any moment (even
+    killed) resumes cleanly. The exit code is 1 when any item failed.
+
+    Example: holitom batch videos/ -q "What happens?" -q "How many people are there?" -o answers.jsonl
+    """
+    from holitom_cli import batchio
+    from holitom_cli.cli.errors import debug_enabled
+    from holitom_cli.cli.report import (
+        answer_record,
+        library_progress_bars,
+        stderr_console,
+        versions,
+        video_record,
+    )
+    from holitom_cli.pipeline import GenerationOptions
+
+    cfg = build_config(preset, retain_ratio, tau, inner_layer, inner_prune_ratio, no_inner, no_compress)
+    if compare_baseline and cfg is None:
+        raise ConfigError(
+            "--compare-baseline needs compression, but --no-compress is set",
+            hint="Drop --no-compress: the comparison runs the full model anyway.",
+        )
+    sampling = sampling_options(frames, fps, max_frames)
+    generation = GenerationOptions(max_new_tokens=max_new_tokens, temperature=temperature)
+    asked = list(question or [])
+    if questions_file is not None:
+        asked += batchio.read_questions(questions_file)
+    items = collect_items(input_path, recursive, asked)
+    batchio.ResultStore.check_writable(output)
+
+    settings = {
+        "model": model,
+        "revision": revision,
+        "dtype": dtype,
+        "quantize": quantize,
+        "config": cfg.to_dict() if cfg is not None else None,
+        "sampling": dataclasses.asdict(sampling),
+        "generation": generation.to_dict(),
+        "compare_baseline": compare_baseline,
+    }
+    digest = batchio.settings_hash(settings)
+    console = stderr_console()
+    store = batchio.ResultStore(output)
+    state = store.open(retry_errors=True)
+    if state.dropped_lines and not quiet:
+        console.print(
+            f"[yellow]Removed {state.dropped_lines} incomplete line(s) from {output}; redoing them.[/yellow]"
+        )
+    done = store.done_keys()
+    pending = [item for item in items if batchio.item_key(item, digest) not in done]
+    skipped = len(items) - len(pending)
+    if not pending:
+        store.close()
+        if not quiet:
+            console.print(f"Nothing to do: all {len(items)} item(s) are already in {output}.")
+        return
+
+    # Group by video, keeping the input order: each video is prepared once for all its questions.
+    groups: dict[Path, list] = {}
+    for item in pending:
+        groups.setdefault(item.video, []).append(item)
+
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        SpinnerColumn,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    from holitom_cli.pipeline import Pipeline
+
+    answered = failed = 0
+    failures: list[str] = []
+    flag = _StopFlag(console)
+
+    def error_record(item: Any, message: str, prepared: Any = None) -> dict:
+        return {
+            "schema_version": 1,
+            "question": item.question,
+            "answer": None,
+            "error": message,
+            "model": {"name": model},
+            "config": cfg.to_dict() if cfg is not None else None,
+            "generation": generation.to_dict(),
+            "video": video_record(prepared if prepared is not None else str(item.video)),
+            "versions": versions(),
+            "settings_hash": digest,
+        }
+
+    def describe(exc: BaseException) -> str:
+        if debug_enabled():
+            traceback.print_exception(exc)
+        if isinstance(exc, HolitomError):
+            return exc.message
+        return f"{type(exc).__name__}: {exc}"
+
+    try:
+        with _sigint(flag):
+            if not quiet:
+                console.print(
+                    f"{len(pending)} item(s) to answer over {len(groups)} video(s)"
+                    + (f", {skipped} already in {output}" if skipped else "")
+                )
+            with console.status(f"Loading {model} ...") if not quiet else library_progress_bars(False):
+                pipe = Pipeline.load(
+                    model, revision=revision, device=device, dtype=dtype, quantize=quantize, offline=offline
+                )
+            progress = Progress(
+                SpinnerColumn(),
+                TextColumn("{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("[red]{task.fields[failed]} failed"),
+                TimeElapsedColumn(),
+                TextColumn("ETA"),
+                TimeRemainingColumn(),
+                console=console,
+                disable=quiet,
+            )
+            with progress:
+                task = progress.add_task("answering", total=len(pending), failed=0)
+                for path, group in groups.items():
+                    if flag.requested:
+                        break
+                    progress.update(task, description=path.name)
+                    try:
+                        prepared = pipe.prepare_video(path, sampling)
+                    except Exception as exc:
+                        message = describe(exc)
+                        failures.append(f"{path.name}: {message}")
+                        for item in group:
+                            store.append(error_record(item, message))
+                            failed += 1
+                            progress.update(task, advance=1, failed=failed)
+                        continue
+                    for item in group:
+                        try:
+                            answer = pipe.ask(prepared, item.question, cfg, generation)
+                            baseline = None
+                            if compare_baseline:
+                                baseline = pipe.ask(prepared, item.question, None, generation)
+                            record = answer_record(item.question, answer, prepared, baseline)
+                            record["video"]["path"] = str(item.video)
+                            record["error"] = None
+                            record["settings_hash"] = digest
+                            answered += 1
+                        except Exception as exc:
+                            record = error_record(item, describe(exc), prepared)
+                            failures.append(f"{path.name} ({item.question!r}): {record['error']}")
+                            failed += 1
+                        store.append(record)
+                        progress.update(task, advance=1, failed=failed)
+                        if flag.requested:
+                            break
+    finally:
+        store.close()
+
+    remaining = len(pending) - answered - failed
+    if not quiet:
+        summary = f"{answered} answered, {failed} failed"
+        if skipped:
+            summary += f", {skipped} skipped (already done)"
+        console.print(f"{summary} -> {output}")
+        for line in failures[:10]:
+            console.print(f"  [red]failed[/red] {line}", markup=True, highlight=False)
+        if len(failures) > 10:
+            console.print(f"  ... and {len(failures) - 10} more (see the 'error' field in {output})")
+    if remaining:
+        if not quiet:
+            console.print(f"Stopped with {remaining} item(s) left; run the same command again to continue.")
+        raise typer.Exit(130)
+    if failed:
+        raise typer.Exit(1)

@@ -1,0 +1,274 @@
+"""The small commands: ``presets``, ``models``, ``download`` and ``env``.
+
+Heavy imports (torch, transformers, huggingface_hub, cv2) happen inside the command bodies.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import sys
+from importlib import metadata
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from holitom_cli.cli.options import DEFAULT_MODEL, RevisionOpt
+
+# Avg accuracy relative to the full model reported by the paper for LLaVA-OneVision-7B, 32 frames, with the
+# inner merge (HoliTom table, "Avg %"), by retain ratio.
+PAPER_ACCURACY_OV7B = {0.10: 99.1, 0.15: 99.7, 0.20: 100.7, 0.25: 100.7}
+# Qwen2-7B (the LLM of LLaVA-OneVision-7B): layers, hidden size, FFN size; 32 frames x 196 tokens.
+_OV7B = {"num_layers": 28, "hidden_size": 3584, "ffn_size": 18944}
+_OV7B_FRAMES, _OV7B_TOKENS_PER_FRAME = 32, 196
+
+JsonFlag = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
+
+
+def _stdout_console():
+    from rich.console import Console
+
+    return Console(soft_wrap=False)
+
+
+def preset_rows() -> list[dict[str, Any]]:
+    """One dict per preset: its settings plus the paper-formula prefill FLOPs on LLaVA-OV-7B at 32 frames."""
+    import math
+
+    from holitom_cli.compression import PRESET_DESCRIPTIONS, PRESETS
+    from holitom_cli.compression.flops import paper_prefill_flops
+
+    full_tokens = _OV7B_FRAMES * _OV7B_TOKENS_PER_FRAME
+    full = paper_prefill_flops(visual_tokens=full_tokens, **_OV7B)
+    rows = []
+    for name, cfg in PRESETS.items():
+        tokens = _OV7B_FRAMES * math.ceil(_OV7B_TOKENS_PER_FRAME * cfg.retain_ratio)
+        layer = cfg.resolve_inner_layer(_OV7B["num_layers"])
+        flops = paper_prefill_flops(
+            visual_tokens=tokens, inner_layer=layer, inner_prune_ratio=cfg.inner_prune_ratio, **_OV7B
+        )
+        rows.append(
+            {
+                "name": name,
+                "description": PRESET_DESCRIPTIONS.get(name, ""),
+                "config": cfg.to_dict(),
+                "ov7b_inner_layer": layer,
+                "ov7b_tflops": round(flops / 1e12, 2),
+                "ov7b_full_tflops": round(full / 1e12, 2),
+                "ov7b_flops_percent": round(100 * flops / full, 1),
+                "paper_accuracy_percent": PAPER_ACCURACY_OV7B.get(round(cfg.retain_ratio, 2))
+                if cfg.inner
+                else None,
+            }
+        )
+    return rows
+
+
+def presets_command(as_json: JsonFlag = False) -> None:
+    """Show the compression presets and what they cost.
+
+    FLOPs are the paper's prefill formula for LLaVA-OneVision-7B at 32 frames (full model: 40.8 TFLOPs);
+    accuracy is the paper's average over four benchmarks relative to the full model.
+    """
+    from holitom_cli.compression import DEFAULT_PRESET
+
+    rows = preset_rows()
+    if as_json:
+        typer.echo(json.dumps(rows, indent=2))
+        return
+    from rich.table import Table
+
+    table = Table(title="HoliTom presets (numbers: LLaVA-OneVision-7B, 32 frames)", title_justify="left")
+    for col, justify in [
+        ("preset", "left"),
+        ("retain", "right"),
+        ("tau", "right"),
+        ("inner merge", "left"),
+        ("TFLOPs", "right"),
+        ("of full", "right"),
+        ("accuracy", "right"),
+    ]:
+        table.add_column(col, justify=justify)
+    for row in rows:
+        cfg = row["config"]
+        inner = f"layer {row['ov7b_inner_layer']}, -{cfg['inner_prune_ratio']:.0%}" if cfg["inner"] else "off"
+        acc = row["paper_accuracy_percent"]
+        name = row["name"] + ("*" if row["name"] == DEFAULT_PRESET else "")
+        table.add_row(
+            name,
+            f"{cfg['retain_ratio']:.0%}",
+            f"{cfg['tau']:.2f}",
+            inner,
+            f"{row['ov7b_tflops']:.1f}",
+            f"{row['ov7b_flops_percent']:.1f}%",
+            f"{acc:.1f}%" if acc is not None else "-",
+        )
+    console = _stdout_console()
+    console.print(table)
+    for row in rows:
+        console.print(f"  [bold]{row['name']}[/bold]: {row['description']}")
+    console.print(
+        f"* default. TFLOPs: the paper's prefill formula (full model: {rows[0]['ov7b_full_tflops']:.1f}). "
+        "Accuracy: the paper's average over MVBench, EgoSchema, LongVideoBench and VideoMME relative to the "
+        "full model. Other models: run holitom ask with --compare-baseline to measure."
+    )
+
+
+FAMILY_EXAMPLES = {
+    "llava_onevision": "llava-hf/llava-onevision-qwen2-0.5b-ov-hf, -7b-ov-hf, -72b-ov-hf",
+}
+
+
+def models_command(as_json: JsonFlag = False) -> None:
+    """List the supported model families and the models already in the local cache."""
+    from holitom_cli.models import SUPPORTED_FAMILIES, list_cached_models
+
+    cached = list_cached_models()
+    if as_json:
+        payload = {
+            "default": DEFAULT_MODEL,
+            "families": list(SUPPORTED_FAMILIES),
+            "cached": [m.to_dict() for m in cached],
+        }
+        typer.echo(json.dumps(payload, indent=2))
+        return
+    from rich.table import Table
+
+    console = _stdout_console()
+    fam = Table(title="Supported model families", title_justify="left")
+    fam.add_column("model_type")
+    fam.add_column("models")
+    for name in SUPPORTED_FAMILIES:
+        fam.add_row(name, FAMILY_EXAMPLES.get(name, ""))
+    console.print(fam)
+    console.print(f"Default model: {DEFAULT_MODEL}. Any local checkpoint folder of these families works too.")
+    if not cached:
+        console.print(
+            f"No models in the local cache yet. Fetch the default with: holitom download {DEFAULT_MODEL}"
+        )
+        return
+    tab = Table(title="Models in the local cache", title_justify="left")
+    tab.add_column("model")
+    tab.add_column("type")
+    tab.add_column("size", justify="right")
+    tab.add_column("usable")
+    for entry in cached:
+        tab.add_row(
+            entry.repo_id,
+            entry.model_type or "?",
+            _human_bytes(entry.size_bytes),
+            "yes" if entry.supported else "no",
+        )
+    console.print(tab)
+
+
+def download_command(
+    model: Annotated[str, typer.Argument(help="Hub id of the model to fetch, e.g. " + DEFAULT_MODEL)],
+    revision: RevisionOpt = None,
+) -> None:
+    """Download a model into the local cache (with progress), so later runs work offline.
+
+    Prints the local folder on stdout.
+    """
+    from holitom_cli.models import download_model
+
+    if Path(model).expanduser().is_dir():
+        typer.echo(f"{model} is a local folder; nothing to download.", err=True)
+        return
+    path = download_model(model, revision=revision)
+    typer.echo(f"{model} is in the local cache.", err=True)
+    typer.echo(str(path))
+
+
+def _version(dist: str) -> str | None:
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def environment() -> dict[str, Any]:
+    """Versions, devices and settings that matter for a bug report."""
+    from holitom_cli import __version__
+
+    info: dict[str, Any] = {
+        "holitom": __version__,
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "cpu_count": os.cpu_count(),
+    }
+    for dist in (
+        "torch",
+        "transformers",
+        "huggingface-hub",
+        "tokenizers",
+        "safetensors",
+        "accelerate",
+        "bitsandbytes",
+        "opencv-python-headless",
+        "opencv-python",
+        "numpy",
+        "pillow",
+        "typer",
+        "rich",
+    ):
+        version = _version(dist)
+        if version is not None:
+            info[dist] = version
+    try:
+        import psutil
+
+        info["memory_total_bytes"] = psutil.virtual_memory().total
+    except ImportError:  # pragma: no cover - psutil is a dependency
+        pass
+    devices = ["cpu"]
+    try:
+        import torch
+
+        info["torch_threads"] = torch.get_num_threads()
+        if torch.cuda.is_available():
+            devices += [
+                f"cuda:{i} ({torch.cuda.get_device_name(i)})" for i in range(torch.cuda.device_count())
+            ]
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            devices.append("mps")
+    except ImportError:
+        info["torch"] = "not installed"
+    info["devices"] = devices
+    from huggingface_hub import constants
+
+    info["hf_cache"] = str(constants.HF_HUB_CACHE)
+    info["hf_hub_offline"] = bool(constants.HF_HUB_OFFLINE)
+    return info
+
+
+def env_command(as_json: JsonFlag = False) -> None:
+    """Show versions and devices (paste this into bug reports)."""
+    info = environment()
+    if as_json:
+        typer.echo(json.dumps(info, indent=2))
+        return
+    from rich.table import Table
+
+    table = Table(show_header=False, box=None)
+    table.add_column(style="bold")
+    table.add_column()
+    for key, value in info.items():
+        if key == "memory_total_bytes":
+            value = _human_bytes(value)
+        elif isinstance(value, list):
+            value = ", ".join(value)
+        table.add_row(key, str(value))
+    _stdout_console().print(table)
+
+
+def _human_bytes(n: float | None) -> str:
+    if n is None:
+        return "?"
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1024 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TB"  # pragma: no cover

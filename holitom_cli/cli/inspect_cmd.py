@@ -1,0 +1,191 @@
+"""``holitom inspect VIDEO -o merge-map.png``: draw what HoliTom merged, without asking a question.
+
+HoliTom's outer stage (segmentation, temporal merge, spatial merge) does not depend on the question, so the
+picture shows exactly the visual tokens ``ask`` would feed the LLM with the same model, frames and settings.
+stdout gets the output path only; the summary goes to stderr.
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from holitom_cli.cli.options import (
+    DEFAULT_MODEL,
+    PANEL_OUTPUT,
+    DeviceOpt,
+    DtypeOpt,
+    FpsOpt,
+    FramesOpt,
+    InnerLayerOpt,
+    InnerPruneRatioOpt,
+    MaxFramesOpt,
+    ModelOpt,
+    NoCompressOpt,
+    NoInnerOpt,
+    OfflineOpt,
+    PresetOpt,
+    QuantizeOpt,
+    QuietOpt,
+    RetainRatioOpt,
+    RevisionOpt,
+    TauOpt,
+    VideoArg,
+)
+from holitom_cli.cli.settings import build_config, sampling_options
+
+OutputOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--output",
+        "-o",
+        help="Picture to write: a .png (default merge-map.png), or a .gif with --gif.",
+        rich_help_panel=PANEL_OUTPUT,
+        show_default=False,
+        dir_okay=False,
+    ),
+]
+GifOpt = Annotated[
+    bool,
+    typer.Option(
+        "--gif", help="Write an animated GIF, one picture per sampled frame.", rich_help_panel=PANEL_OUTPUT
+    ),
+]
+
+
+def inspect_command(
+    video: VideoArg,
+    output: OutputOpt = None,
+    gif: GifOpt = False,
+    model: ModelOpt = DEFAULT_MODEL,
+    revision: RevisionOpt = None,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
+    quantize: QuantizeOpt = None,
+    offline: OfflineOpt = False,
+    preset: PresetOpt = None,
+    retain_ratio: RetainRatioOpt = None,
+    tau: TauOpt = None,
+    inner_layer: InnerLayerOpt = None,
+    inner_prune_ratio: InnerPruneRatioOpt = None,
+    no_inner: NoInnerOpt = False,
+    no_compress: NoCompressOpt = False,
+    frames: FramesOpt = None,
+    fps: FpsOpt = None,
+    max_frames: MaxFramesOpt = None,
+    quiet: QuietOpt = False,
+) -> None:
+    """Draw what HoliTom merged: a contact sheet of the sampled frames with the token grid over them.
+
+    Outlined cells are the per-frame tokens kept for the LLM; cells shaded in a segment's colour were merged
+    over the frames of that segment (shown on its first frame, darkened on the others); dots mark the static
+    tokens kept as cluster centres; lightly dimmed cells were dropped. See docs/inspect.md.
+
+    Example: holitom inspect assets/sample.mp4 -o merge-map.png --preset fast
+    """
+    # Everything that can be checked without the model is checked first.
+    cfg = build_config(preset, retain_ratio, tau, inner_layer, inner_prune_ratio, no_inner, no_compress)
+    sampling = sampling_options(frames, fps, max_frames)
+    if output is None:
+        output = Path("merge-map.gif" if gif else "merge-map.png")
+    gif = gif or output.suffix.lower() == ".gif"
+    from holitom_cli.cli.ask import check_video_path
+    from holitom_cli.render import check_output_path
+
+    check_video_path(video)
+    check_output_path(output, gif=gif)
+
+    from holitom_cli.cli.report import stderr_console
+    from holitom_cli.pipeline import Pipeline
+    from holitom_cli.render import save_merge_map
+
+    console = stderr_console()
+    show = not quiet
+    with console.status(f"Loading {model} ...") if show else nullcontext():
+        pipe = Pipeline.load(
+            model, revision=revision, device=device, dtype=dtype, quantize=quantize, offline=offline
+        )
+    with console.status(f"Reading {video.name} and encoding frames ...") if show else nullcontext():
+        prepared = pipe.prepare_video(video, sampling)
+        result = pipe.compress(prepared, cfg) if cfg is not None else None
+
+    rows, cols = prepared.grid
+    grid = rows if rows == cols else None
+    flops = flops_ratio(pipe, prepared, cfg, result)
+    caption = merge_map_caption(video, pipe.model.name, preset, cfg, flops, pipe.model.num_layers)
+    clip = prepared.clip
+    saved = save_merge_map(output, clip.frames, clip.timestamps, result, grid=grid, caption=caption, gif=gif)
+    if show:
+        print_summary(console, prepared, result, flops, saved)
+    typer.echo(str(saved))
+
+
+def flops_ratio(pipe: Any, prepared: Any, cfg: Any, result: Any) -> float:
+    """LLM prefill FLOPs with HoliTom over the full model's, by the paper's formula (visual tokens only)."""
+    from holitom_cli.compression import paper_prefill_flops
+
+    if cfg is None or result is None:
+        return 1.0
+    lm = pipe.model.language_dims()
+    shape = {
+        "num_layers": lm["num_layers"],
+        "hidden_size": lm["hidden_size"],
+        "ffn_size": lm["intermediate_size"],
+    }
+    full = paper_prefill_flops(**shape, visual_tokens=prepared.num_frames * prepared.tokens_per_frame)
+    inner = cfg.resolve_inner_layer(lm["num_layers"])
+    ours = paper_prefill_flops(
+        **shape,
+        visual_tokens=result.num_tokens,
+        inner_layer=inner,
+        inner_prune_ratio=cfg.inner_prune_ratio if inner is not None else 0.0,
+    )
+    return ours / full
+
+
+def merge_map_caption(
+    video: Path, model_name: str, preset: str | None, cfg: Any, flops: float, num_layers: int
+) -> str:
+    """First caption line of the picture: the video, the model, the settings and the FLOPs ratio."""
+    if cfg is None:
+        return f"{video.name}  ·  {model_name}  ·  no compression"
+    from holitom_cli.compression import DEFAULT_PRESET
+
+    layer = cfg.resolve_inner_layer(num_layers)
+    inner = (
+        f"inner merge {cfg.inner_prune_ratio:.0%} at layer {layer}" if layer is not None else "no inner merge"
+    )
+    settings = f"retain {cfg.retain_ratio:.0%}, tau {cfg.tau:.2f}, {inner}"
+    return (
+        f"{video.name}  ·  {model_name}  ·  preset {preset or DEFAULT_PRESET} ({settings})  ·  "
+        f"LLM prefill FLOPs {flops:.1%} of the full model (paper formula)"
+    )
+
+
+def print_summary(console: Any, prepared: Any, result: Any, flops: float, saved: Path) -> None:
+    from rich.table import Table
+
+    frames, per_frame = prepared.num_frames, prepared.tokens_per_frame
+    table = Table(title="Merge map", title_justify="left", show_header=False, box=None, pad_edge=False)
+    table.add_column(style="bold")
+    table.add_column()
+    table.add_row(
+        "frames", f"{frames} sampled, {per_frame} tokens each ({prepared.grid[0]}x{prepared.grid[1]})"
+    )
+    if result is None:
+        table.add_row("tokens", f"{frames * per_frame}, all kept (compression off)")
+    else:
+        multi = sum(1 for s, e in result.segments if e > s)
+        static = int(result.is_static.sum())
+        table.add_row("segments", f"{len(result.segments)} ({multi} merged over several frames)")
+        table.add_row(
+            "tokens",
+            f"{result.num_input} -> {result.num_after_temporal} after temporal merging -> "
+            f"{result.num_tokens} to the LLM ({static} static, {result.num_tokens - static} per-frame)",
+        )
+        table.add_row("LLM FLOPs", f"{flops:.1%} of the full model")
+    table.add_row("picture", str(saved))
+    console.print(table)

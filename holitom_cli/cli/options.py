@@ -1,0 +1,240 @@
+"""Option types shared by ``ask``, ``batch`` and ``inspect``.
+
+Each option is an ``Annotated`` type so that every command declares it the same way, with the same help text
+and the same help panel. Defaults of ``None`` mean "not given": :mod:`holitom_cli.cli.settings` turns the raw
+values into a validated ``HoliTomConfig`` / ``SamplingOptions`` and reports conflicts.
+
+This module must stay light: it imports only typer (no torch, transformers or cv2).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal
+
+import typer
+
+DEFAULT_MODEL = "llava-hf/llava-onevision-qwen2-0.5b-ov-hf"
+DEFAULT_FRAMES = 32
+DEFAULT_MAX_NEW_TOKENS = 256
+
+PANEL_MODEL = "Model"
+PANEL_COMPRESSION = "Compression"
+PANEL_FRAMES = "Frames"
+PANEL_GENERATION = "Generation"
+PANEL_OUTPUT = "Output"
+
+Dtype = Literal["auto", "float32", "bfloat16", "float16"]
+QuantizeMode = Literal["8bit", "4bit"]
+
+# ---------------------------------------------------------------- arguments
+
+VideoArg = Annotated[
+    Path,
+    typer.Argument(help="Video file to read (mp4, avi, mkv, webm, mov, ...).", show_default=False),
+]
+QuestionArg = Annotated[str, typer.Argument(help="Question to ask about the video.", show_default=False)]
+
+# ---------------------------------------------------------------- model
+
+ModelOpt = Annotated[
+    str,
+    typer.Option(
+        "--model",
+        "-m",
+        help="Hugging Face hub id or local checkpoint directory.",
+        rich_help_panel=PANEL_MODEL,
+    ),
+]
+RevisionOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--revision",
+        help="Hub revision (branch, tag or commit).",
+        rich_help_panel=PANEL_MODEL,
+        show_default=False,
+    ),
+]
+DeviceOpt = Annotated[
+    str,
+    typer.Option("--device", help="Device: auto, cpu, cuda, cuda:1, mps.", rich_help_panel=PANEL_MODEL),
+]
+DtypeOpt = Annotated[
+    Dtype,
+    typer.Option(
+        "--dtype",
+        help="Weight dtype (auto: bfloat16 where supported, else float32).",
+        rich_help_panel=PANEL_MODEL,
+    ),
+]
+QuantizeOpt = Annotated[
+    QuantizeMode | None,
+    typer.Option(
+        "--quantize",
+        help="Quantize the language model with bitsandbytes (needs the 'quant' extra).",
+        rich_help_panel=PANEL_MODEL,
+        show_default=False,
+    ),
+]
+OfflineOpt = Annotated[
+    bool,
+    typer.Option(
+        "--offline", help="Never contact the hub; use the local cache only.", rich_help_panel=PANEL_MODEL
+    ),
+]
+
+# ---------------------------------------------------------------- compression
+
+PresetOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--preset",
+        "-p",
+        help="Preset: fastest, fast, balanced, accurate (see 'holitom presets'). (default: balanced)",
+        rich_help_panel=PANEL_COMPRESSION,
+        show_default=False,
+    ),
+]
+RetainRatioOpt = Annotated[
+    float | None,
+    typer.Option(
+        "--retain-ratio",
+        help="Fraction of visual tokens kept before the LLM, in (0, 1]. Overrides the preset.",
+        rich_help_panel=PANEL_COMPRESSION,
+        show_default=False,
+    ),
+]
+TauOpt = Annotated[
+    float | None,
+    typer.Option(
+        "--tau",
+        help="Similarity threshold of temporal merging (0.8 typical, >= 1: off). Overrides the preset.",
+        rich_help_panel=PANEL_COMPRESSION,
+        show_default=False,
+    ),
+]
+InnerLayerOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--inner-layer",
+        help="LLM layer where the inner merge happens (default: automatic, 18 of 28 layers).",
+        rich_help_panel=PANEL_COMPRESSION,
+        show_default=False,
+    ),
+]
+InnerPruneRatioOpt = Annotated[
+    float | None,
+    typer.Option(
+        "--inner-prune-ratio",
+        help="Fraction of visual tokens merged away inside the LLM, in [0, 1). Overrides the preset.",
+        rich_help_panel=PANEL_COMPRESSION,
+        show_default=False,
+    ),
+]
+NoInnerOpt = Annotated[
+    bool,
+    typer.Option(
+        "--no-inner", help="Skip the inner-LLM merge (HoliTom 'w/o M').", rich_help_panel=PANEL_COMPRESSION
+    ),
+]
+NoCompressOpt = Annotated[
+    bool,
+    typer.Option(
+        "--no-compress",
+        help="Run the unmodified model (no token merging).",
+        rich_help_panel=PANEL_COMPRESSION,
+    ),
+]
+CompareBaselineOpt = Annotated[
+    bool,
+    typer.Option(
+        "--compare-baseline",
+        help="Also answer without compression on the same frames and compare speed.",
+        rich_help_panel=PANEL_COMPRESSION,
+    ),
+]
+
+# ---------------------------------------------------------------- frames
+
+FramesOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--frames",
+        help=f"Number of frames sampled uniformly. (default: {DEFAULT_FRAMES})",
+        min=1,
+        rich_help_panel=PANEL_FRAMES,
+        show_default=False,
+    ),
+]
+FpsOpt = Annotated[
+    float | None,
+    typer.Option(
+        "--fps",
+        help="Sample this many frames per second instead of a fixed count.",
+        rich_help_panel=PANEL_FRAMES,
+        show_default=False,
+    ),
+]
+MaxFramesOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--max-frames",
+        help="With --fps: cap on the number of frames (sampled uniformly when exceeded).",
+        min=1,
+        rich_help_panel=PANEL_FRAMES,
+        show_default=False,
+    ),
+]
+
+# ---------------------------------------------------------------- generation
+
+MaxNewTokensOpt = Annotated[
+    int,
+    typer.Option(
+        "--max-new-tokens",
+        help="Maximum length of the answer in tokens.",
+        min=1,
+        rich_help_panel=PANEL_GENERATION,
+    ),
+]
+TemperatureOpt = Annotated[
+    float,
+    typer.Option(
+        "--temperature",
+        help="Sampling temperature; 0 means greedy.",
+        min=0.0,
+        rich_help_panel=PANEL_GENERATION,
+    ),
+]
+
+# ---------------------------------------------------------------- output
+
+JsonOpt = Annotated[
+    bool,
+    typer.Option(
+        "--json", help="Print one JSON object on stdout and nothing else.", rich_help_panel=PANEL_OUTPUT
+    ),
+]
+VerboseOpt = Annotated[
+    bool,
+    typer.Option("--verbose", "-v", help="More detail in the report and logs.", rich_help_panel=PANEL_OUTPUT),
+]
+QuietOpt = Annotated[
+    bool,
+    typer.Option("--quiet", "-q", help="No report or progress on stderr.", rich_help_panel=PANEL_OUTPUT),
+]
+# ``batch`` uses -q for --question, so its quiet switch has the long form only.
+QuietLongOpt = Annotated[
+    bool,
+    typer.Option("--quiet", help="No report or progress on stderr.", rich_help_panel=PANEL_OUTPUT),
+]
+ExplainOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--explain",
+        help="Also save a picture of what was merged (PNG, or GIF if the name ends in .gif).",
+        rich_help_panel=PANEL_OUTPUT,
+        show_default=False,
+        dir_okay=False,
+    ),
+]
