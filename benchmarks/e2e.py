@@ -35,6 +35,7 @@ from benchmarks._common import (
     describe_machine,
     log,
     machine_info,
+    materialize_weights,
     md_table,
     median,
     synchronize,
@@ -81,8 +82,13 @@ def run_frames(pipe: Any, video_path: Path, frames: int, arms: list[tuple[str, A
     from holitom_cli.video import load_video
 
     device = args.device
-    log(f"{frames} frames: decoding + vision tower (once for all arms)")
-    video = pipe.prepare_video(video_path, SamplingOptions(frames=frames))
+    if args.reuse_prepared:  # vision outputs stored by an earlier --save-prepared run (same model, frames)
+        from benchmarks.profile import load_prepared
+
+        video = load_prepared(pipe, video_path, args.cache, frames)
+    else:
+        log(f"{frames} frames: decoding + vision tower (once for all arms)")
+        video = pipe.prepare_video(video_path, SamplingOptions(frames=frames))
     log(f"  vision {video.vision_s:.1f} s, features {tuple(video.features.shape)}")
     if args.save_prepared:
         from benchmarks.profile import save_prepared
@@ -103,10 +109,13 @@ def run_frames(pipe: Any, video_path: Path, frames: int, arms: list[tuple[str, A
     options = GenerationOptions(max_new_tokens=args.new_tokens)
     results: dict[str, dict[str, Any]] = {name: {"runs": []} for name, _ in arms}
     for name, cfg in arms:  # warm-up answer per arm, profiled for memory (not timed)
-        answer, peak = peak_during(lambda cfg=cfg: pipe.ask(video, args.question, cfg, options), device)
+        if args.no_memory:
+            answer, peak = pipe.ask(video, args.question, cfg, options), None
+        else:
+            answer, peak = peak_during(lambda cfg=cfg: pipe.ask(video, args.question, cfg, options), device)
         results[name]["peak_alloc_bytes"] = peak
         results[name]["warmup_new_tokens"] = answer.stats.new_tokens
-        log(f"  warm-up {name}: peak +{peak / 2**20:.0f} MB, {answer.stats.new_tokens} new tokens")
+        log(f"  warm-up {name}: peak +{(peak or 0) / 2**20:.0f} MB, {answer.stats.new_tokens} new tokens")
     for rep in range(args.repeats):
         for name, cfg in arms:
             answer = pipe.ask(video, args.question, cfg, options)
@@ -158,19 +167,36 @@ def run_frames(pipe: Any, video_path: Path, frames: int, arms: list[tuple[str, A
             "inner": first["inner"],
         }
         rows.append(row)
+    return derive({"frames": frames, "video": first["video"], "rows": rows})
+
+
+def derive(block: dict) -> dict:
+    """Ratios baseline / arm (medians, and best-of-runs), filled into each row of a frames block.
+
+    Best-of (fastest prefill, highest decode rate of the runs) is reported next to the median because on a
+    shared machine noise only ever adds time: the best run is the least disturbed one.
+    """
+    rows = block["rows"]
+    for r in rows:
+        r["prefill_best_s"] = min(r["prefill_runs_s"])
+        rates = [x for x in r["decode_runs_tokens_per_s"] if x]
+        r["decode_best_tokens_per_s"] = max(rates) if rates else None
     base = rows[0]
+    nan = float("nan")
     for r in rows:
         r["prefill_speedup"] = base["prefill_s"] / r["prefill_s"]
+        r["prefill_best_speedup"] = base["prefill_best_s"] / r["prefill_best_s"]
         r["ttft_speedup"] = base["ttft_s"] / r["ttft_s"]
         r["llm_ttft_speedup"] = (base["compress_s"] + base["llm_first_token_s"]) / (
             r["compress_s"] + r["llm_first_token_s"]
         )
-        r["decode_speedup"] = (r["decode_tokens_per_s"] or float("nan")) / (
-            base["decode_tokens_per_s"] or float("nan")
+        r["decode_speedup"] = (r["decode_tokens_per_s"] or nan) / (base["decode_tokens_per_s"] or nan)
+        r["decode_best_speedup"] = (r["decode_best_tokens_per_s"] or nan) / (
+            base["decode_best_tokens_per_s"] or nan
         )
         r["kv_ratio"] = base["kv_cache_bytes"] / r["kv_cache_bytes"] if r["kv_cache_bytes"] else None
         r["compress_pct_of_baseline_prefill"] = 100 * r["compress_s"] / base["prefill_s"]
-    return {"frames": frames, "video": first["video"], "rows": rows}
+    return block
 
 
 def frames_table(block: dict) -> str:
@@ -206,7 +232,7 @@ def frames_table(block: dict) -> str:
             r["prefill_speedup"],
             r["decode_tokens_per_s"],
             r["decode_speedup"],
-            r["peak_alloc_bytes"] / 2**20,
+            r["peak_alloc_bytes"] / 2**20 if r["peak_alloc_bytes"] is not None else None,
             r["kv_cache_bytes"] / 2**20,
             r["kv_ratio"],
             r["compress_pct_of_baseline_prefill"] if r["arm"] != "baseline" else None,
@@ -214,6 +240,38 @@ def frames_table(block: dict) -> str:
         for r in block["rows"]
     ]
     return md_table(headers, table, digits=2)
+
+
+def runs_table(block: dict) -> str:
+    """Every timed run, so the noise is visible, with best-of-runs ratios."""
+    fmt_runs = lambda xs: ", ".join("–" if x is None else f"{x:.2f}" for x in xs)  # noqa: E731
+    headers = [
+        "arm",
+        "prefill runs s",
+        "best prefill s",
+        "best prefill gain",
+        "decode runs tok/s",
+        "best decode tok/s",
+        "best decode gain",
+    ]
+    table = [
+        [
+            r["arm"],
+            fmt_runs(r["prefill_runs_s"]),
+            r["prefill_best_s"],
+            r["prefill_best_speedup"],
+            fmt_runs(r["decode_runs_tokens_per_s"]),
+            r["decode_best_tokens_per_s"],
+            r["decode_best_speedup"],
+        ]
+        for r in block["rows"]
+    ]
+    return md_table(headers, table, digits=2)
+
+
+def _verdict(values: list[float], target: float) -> str:
+    ok = [v >= target for v in values]
+    return "met" if all(ok) else "missed" if not any(ok) else "unclear"
 
 
 def targets(blocks: list[dict]) -> list[dict[str, Any]]:
@@ -230,9 +288,15 @@ def targets(blocks: list[dict]) -> list[dict[str, Any]]:
                 "compress_pct_of_baseline_prefill": r["compress_pct_of_baseline_prefill"],
                 "compress_ok": r["compress_pct_of_baseline_prefill"] < TARGETS["compress_pct"],
                 "prefill_speedup": r["prefill_speedup"],
-                "prefill_ok": r["prefill_speedup"] >= TARGETS["prefill_speedup"],
+                "prefill_best_speedup": r["prefill_best_speedup"],
+                "prefill": _verdict(
+                    [r["prefill_speedup"], r["prefill_best_speedup"]], TARGETS["prefill_speedup"]
+                ),
                 "decode_speedup": r["decode_speedup"],
-                "decode_ok": r["decode_speedup"] >= TARGETS["decode_speedup"],
+                "decode_best_speedup": r["decode_best_speedup"],
+                "decode": _verdict(
+                    [r["decode_speedup"], r["decode_best_speedup"]], TARGETS["decode_speedup"]
+                ),
             }
         )
     return out
@@ -246,16 +310,20 @@ def markdown(data: dict) -> str:
         "",
     ]
     for block in data["blocks"]:
-        parts += [f"**{block['frames']} frames**", "", frames_table(block), ""]
+        parts += [f"**{block['frames']} frames**", "", frames_table(block), "", runs_table(block), ""]
     if data["targets"]:
-        headers = ["preset", "compress % of base prefill (<5)", "prefill gain (>=7)", "decode gain (>=1.3)"]
-        yes = lambda ok: "met" if ok else "missed"  # noqa: E731
+        headers = [
+            "preset",
+            "compress % of base prefill (<5)",
+            "prefill gain, median / best (>=7)",
+            "decode gain, median / best (>=1.3)",
+        ]
         rows = [
             [
                 t["arm"],
-                f"{t['compress_pct_of_baseline_prefill']:.2f} ({yes(t['compress_ok'])})",
-                f"{t['prefill_speedup']:.2f}x ({yes(t['prefill_ok'])})",
-                f"{t['decode_speedup']:.2f}x ({yes(t['decode_ok'])})",
+                f"{t['compress_pct_of_baseline_prefill']:.2f} ({'met' if t['compress_ok'] else 'missed'})",
+                f"{t['prefill_speedup']:.2f}x / {t['prefill_best_speedup']:.2f}x ({t['prefill']})",
+                f"{t['decode_speedup']:.2f}x / {t['decode_best_speedup']:.2f}x ({t['decode']})",
             ]
             for t in data["targets"]
         ]
@@ -283,6 +351,25 @@ def chart_panels(datasets: list[dict]) -> list[Any]:
             ]
             panels.append(Panel(f"{data['model_label']}, {block['frames']} frames", arms))
     return panels
+
+
+def render(args: Any) -> dict[str, Any]:
+    """Recompute the derived numbers and rewrite the markdown (and chart) of an existing e2e JSON."""
+    import json
+
+    data = json.loads(args.render.read_text())
+    for block in data["blocks"]:
+        derive(block)
+    data["targets"] = targets(data["blocks"])
+    md = markdown(data)
+    write_outputs(args.render.parent, args.render.stem, data, md)
+    print(md)
+    if args.chart is not None:
+        from benchmarks.chart import draw_ttft_chart
+
+        earlier = [json.loads(p.read_text()) for p in args.chart_with]
+        draw_ttft_chart(chart_panels(earlier + [data]), args.chart, "Time to first token, by stage")
+    return data
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -316,7 +403,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument(
         "--chart-with", type=Path, nargs="*", default=[], help="earlier e2e JSONs to add to the chart"
     )
+    ap.add_argument(
+        "--reuse-prepared", action="store_true", help="reuse the vision outputs of a --save-prepared run"
+    )
+    ap.add_argument(
+        "--no-materialize", action="store_true", help="keep the weights memory-mapped (as loaded)"
+    )
+    ap.add_argument("--no-memory", action="store_true", help="skip the profiled (memory) warm-up answers")
+    ap.add_argument(
+        "--render", type=Path, default=None, help="only re-render the tables (and --chart) from this e2e JSON"
+    )
     args = ap.parse_args(argv)
+    if args.render is not None:
+        return render(args)
 
     from benchmarks.synthetic import make_test_video
     from holitom_cli.compression import PRESETS
@@ -333,6 +432,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     (pipe, load_s) = timed(
         lambda: Pipeline.load(str(ckpt), device=args.device, dtype=args.dtype, offline=True)
     )
+    if not args.no_materialize:
+        (nbytes, copy_s) = timed(lambda: materialize_weights(pipe.model.model))
+        log(f"weights copied into RAM: {nbytes / 2**30:.1f} GB in {copy_s:.1f} s")
     gen_cfg = pipe.model.model.generation_config
     gen_cfg.min_new_tokens = args.new_tokens  # this instance only: random weights must not stop early
     log(f"loaded in {load_s:.1f} s")

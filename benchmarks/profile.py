@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from benchmarks._common import DEFAULT_OUT, log, timed
+from benchmarks._common import DEFAULT_OUT, log, materialize_weights, timed
 
 
 def _prepared_path(cache: Path, model_name: str, frames: int) -> Path:
@@ -120,6 +120,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     video_path = args.video or make_test_video(args.cache / "bench-clip.mp4", seconds=20, fps=10)
     pipe = Pipeline.load(str(args.model_dir), device=args.device, dtype=args.dtype, offline=True)
+    materialize_weights(pipe.model.model)  # see benchmarks._common.materialize_weights
     pipe.model.model.generation_config.min_new_tokens = args.new_tokens  # a fixed token count
     video = load_prepared(pipe, video_path, args.cache, args.frames)
     report: dict[str, Any] = {}

@@ -28,7 +28,7 @@ def _run(args, **kw):
 
 def _assert_user_error(result, needle: str, code: int = 1) -> None:
     assert result.exit_code == code, (result.exit_code, result.stdout, result.stderr)
-    lines = result.stderr.strip().splitlines()
+    lines = [line for line in result.stderr.strip().splitlines() if not line.startswith("Loading ")]
     assert lines[0].startswith("Error: ") and needle in lines[0], result.stderr
     assert any(line.startswith("Hint: ") for line in lines[1:]), result.stderr
     assert "Traceback" not in result.stderr
@@ -141,6 +141,45 @@ def test_models_lists_families_and_an_empty_cache(tmp_path):
     assert "Supported model families" in _run(["models"]).stdout
 
 
+def _fake_cache(hub: Path, repo: str, model_type: str) -> None:
+    """A minimal Hugging Face cache entry: refs/main -> snapshot whose config.json links to a blob."""
+    base = hub / ("models--" + repo.replace("/", "--"))
+    (base / "blobs").mkdir(parents=True)
+    (base / "refs").mkdir()
+    (base / "snapshots" / "abc123").mkdir(parents=True)
+    (base / "blobs" / "e1").write_text(json.dumps({"model_type": model_type}))
+    (base / "snapshots" / "abc123" / "config.json").symlink_to("../../blobs/e1")
+    (base / "refs" / "main").write_text("abc123")
+
+
+def test_models_lists_the_cached_models(tmp_path):
+    hub = tmp_path / "hub"
+    _fake_cache(hub, "acme/tiny-ov", "llava_onevision")
+    _fake_cache(hub, "acme/bert", "bert")
+    env = {**os.environ, "HF_HUB_CACHE": str(hub), "HF_HOME": str(tmp_path)}
+    cmd = [sys.executable, "-m", "holitom_cli", "models"]
+    data = json.loads(
+        subprocess.run([*cmd, "--json"], capture_output=True, text=True, env=env, cwd=ROOT).stdout
+    )
+    assert {(m["repo_id"], m["supported"]) for m in data["cached"]} == {
+        ("acme/tiny-ov", True),
+        ("acme/bert", False),
+    }
+    table = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT).stdout
+    assert "Models in the local cache" in table and "acme/tiny-ov" in table and "acme/bert" in table
+
+
+def test_ask_offline_with_an_uncached_hub_model_is_a_clean_error(tmp_path, sample_video):
+    env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "h"), "HF_HOME": str(tmp_path)}
+    cmd = [sys.executable, "-m", "holitom_cli", "ask", str(sample_video), "q", "--offline", "--frames", "2"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=120)
+    assert proc.returncode == 1, proc.stderr
+    error = [line for line in proc.stderr.splitlines() if line.startswith("Error: ")]
+    assert len(error) == 1 and "not in the local cache" in error[0], proc.stderr
+    assert "Hint: " in proc.stderr and "Traceback" not in proc.stderr
+    assert proc.stdout == ""
+
+
 def test_download_offline_without_cache_is_a_clean_error(tmp_path):
     env = {
         **os.environ,
@@ -246,6 +285,14 @@ def test_errors_before_the_model_loads(tmp_path, sample_video, monkeypatch):
     _assert_user_error(_run(["batch", empty, "-q", "x", "-o", tmp_path / "o.jsonl"]), "no videos")
 
 
+def test_unknown_or_unsupported_models_are_clean_errors(tmp_path, sample_video):
+    _assert_user_error(_run(["ask", sample_video, "q", "-m", tmp_path / "no-such-model"]), "not found")
+    other = tmp_path / "bert"
+    other.mkdir()
+    (other / "config.json").write_text(json.dumps({"model_type": "bert"}))
+    _assert_user_error(_run(["ask", sample_video, "q", "-m", other]), "unsupported model architecture")
+
+
 @pytest.mark.parametrize(
     "args",
     [["ask", "v.mp4", "q", "--dtype", "int3"], ["ask", "v.mp4", "q", "--frames", "0"], ["ask", "v.mp4"]],
@@ -265,7 +312,7 @@ def test_unexpected_failures_and_interrupts_are_mapped(sample_video, monkeypatch
     monkeypatch.setattr(Pipeline, "load", classmethod(boom))
     result = _run(["ask", sample_video, "q"])
     assert result.exit_code == 1
-    assert result.stderr.startswith("Error: unexpected failure (RuntimeError: kaboom)")
+    assert "\nError: unexpected failure (RuntimeError: kaboom)\n" in result.stderr
     assert "HOLITOM_DEBUG=1" in result.stderr and "Traceback" not in result.stderr
     monkeypatch.setenv("HOLITOM_DEBUG", "1")
     result = _run(["ask", sample_video, "q"])

@@ -130,7 +130,7 @@ def test_compare_baseline_json(tiny_model_dir, video, expected):
 def test_compare_baseline_shows_both_answers_and_a_table(tiny_model_dir, video, expected):
     result = ask(tiny_model_dir, video, "--compare-baseline")
     assert result.exit_code == 0, result.stderr
-    assert result.stdout == expected["balanced"] + "\n" + expected["none"] + "\n"
+    assert result.stdout == expected["balanced"] + "\n\n" + expected["none"] + "\n"
     assert "Full model vs HoliTom" in result.stderr and "time to first token" in result.stderr
 
 

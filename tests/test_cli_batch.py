@@ -49,6 +49,7 @@ def _batch(model_dir: Path, *args) -> object:
     return runner.invoke(app, ["batch", *[str(a) for a in args], "-m", str(model_dir), *FAST, "--quiet"])
 
 
+@pytest.mark.slow
 def test_batch_folder_with_a_corrupt_file(tiny_model_dir, make_video, tmp_path, monkeypatch):
     videos = _write_folder(tmp_path / "videos", make_video)
     out = tmp_path / "out.jsonl"
@@ -74,6 +75,9 @@ def test_batch_folder_with_a_corrupt_file(tiny_model_dir, make_video, tmp_path, 
         assert by_key[(broken, q)]["error"] and by_key[(broken, q)]["answer"] is None
     good = [r for r in records if r["video"]["path"] != broken]
     assert all(r["error"] is None and isinstance(r["answer"], str) for r in good)
+    ask_keys = {"answer", "question", "model", "config", "video", "tokens", "flops", "timings", "versions"}
+    assert all(ask_keys | {"peak_memory_bytes", "error", "settings_hash"} <= set(r) for r in good)
+    assert all(set(r["video"]) >= {"path", "frame_indices", "timestamps", "fps", "duration"} for r in records)
     assert len({r["settings_hash"] for r in records}) == 1
     # The answers are the library's answers for the same settings.
     pipe = Pipeline.load(str(tiny_model_dir))
@@ -91,6 +95,7 @@ def test_batch_folder_with_a_corrupt_file(tiny_model_dir, make_video, tmp_path, 
     assert [r for r in records2 if r["error"] is None] == good
 
 
+@pytest.mark.slow
 def test_batch_manifest_questions_file_compare_baseline_and_settings_change(
     tiny_model_dir, make_video, tmp_path, monkeypatch
 ):
@@ -146,6 +151,7 @@ def _wait_for_lines(proc: subprocess.Popen, out: Path, lines: int, timeout: floa
     pytest.fail("batch wrote nothing in time")
 
 
+@pytest.mark.slow
 def test_batch_killed_with_sigkill_then_resumed(tiny_model_dir, make_video, tmp_path):
     videos = _write_folder(tmp_path / "videos", make_video, count=3, corrupt=False)
     out = tmp_path / "out.jsonl"
@@ -172,6 +178,7 @@ def test_batch_killed_with_sigkill_then_resumed(tiny_model_dir, make_video, tmp_
     assert all(r["error"] is None for r in records)
 
 
+@pytest.mark.slow
 def test_batch_ctrl_c_stops_after_the_current_item(tiny_model_dir, make_video, tmp_path):
     videos = _write_folder(tmp_path / "videos", make_video, count=3, corrupt=False)
     out = tmp_path / "out.jsonl"
@@ -186,3 +193,11 @@ def test_batch_ctrl_c_stops_after_the_current_item(tiny_model_dir, make_video, t
     result = _batch(tiny_model_dir, tmp_path / "videos", "-q", QUESTIONS[0], "-q", QUESTIONS[1], "-o", out)
     assert result.exit_code == 0, result.stderr
     assert _keys(_read(out)) == Counter({(str(v), q): 1 for v in videos for q in QUESTIONS})
+
+
+def test_settings_that_do_not_fit_the_model_fail_once(tiny_model_dir, sample_video, tmp_path):
+    out = tmp_path / "out.jsonl"
+    result = _batch(tiny_model_dir, sample_video, "-q", "What?", "-o", out, "--inner-layer", 99)
+    assert result.exit_code == 1
+    assert result.stderr.startswith("Error: ") and "inner_layer" in result.stderr
+    assert out.read_text() == ""  # no error lines for a mistake in the settings

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import sys
-from contextlib import nullcontext
-from pathlib import Path
 
+from holitom_cli.cli.common import check_video_path, load_pipeline, prepare_with_progress
 from holitom_cli.cli.options import (
     DEFAULT_MAX_NEW_TOKENS,
     DEFAULT_MODEL,
@@ -36,18 +35,7 @@ from holitom_cli.cli.options import (
     VideoArg,
 )
 from holitom_cli.cli.settings import build_config, sampling_options
-from holitom_cli.errors import ConfigError, VideoError
-
-
-def check_video_path(video: Path) -> None:
-    """Cheap checks before the model loads: the file exists and is a file."""
-    if not video.exists():
-        raise VideoError(f"video not found: {video}", hint="Check the path (use quotes if it has spaces).")
-    if video.is_dir():
-        raise VideoError(
-            f"{video} is a folder, not a video file",
-            hint="To ask about every video in it, use holitom batch.",
-        )
+from holitom_cli.errors import ConfigError
 
 
 def ask_command(
@@ -94,7 +82,7 @@ def ask_command(
             hint="Drop --no-compress: the comparison runs the full model anyway.",
         )
     sampling = sampling_options(frames, fps, max_frames)
-    from holitom_cli.pipeline import GenerationOptions, Pipeline
+    from holitom_cli.pipeline import GenerationOptions
 
     generation = GenerationOptions(max_new_tokens=max_new_tokens, temperature=temperature)
     check_video_path(video)
@@ -106,21 +94,28 @@ def ask_command(
 
     from holitom_cli.cli.report import (
         answer_record,
-        library_progress_bars,
         print_comparison,
         print_report,
         stderr_console,
+        warm_up,
     )
 
     console = stderr_console()
     show = not quiet
-    with console.status(f"Loading {model} ...") if show else library_progress_bars(False):
-        pipe = Pipeline.load(
-            model, revision=revision, device=device, dtype=dtype, quantize=quantize, offline=offline
-        )
-    with console.status(f"Reading {video.name} and encoding frames ...") if show else nullcontext():
-        prepared = pipe.prepare_video(video, sampling)
+    pipe = load_pipeline(
+        console,
+        show,
+        model,
+        revision=revision,
+        device=device,
+        dtype=dtype,
+        quantize=quantize,
+        offline=offline,
+    )
+    prepared = prepare_with_progress(pipe, video, sampling, console if show else None)
 
+    if compare_baseline:
+        warm_up(pipe, prepared, question, cfg)
     stream = None if as_json else _stdout_writer()
     if compare_baseline and stream is not None and show:
         console.print("[bold]HoliTom[/bold]")
@@ -130,10 +125,9 @@ def ask_command(
     baseline = None
     if compare_baseline:
         if stream is not None:
+            stream("\n")  # a blank line between the two answers
             if show:
                 console.print("[bold]Full model (no compression)[/bold]")
-            else:
-                stream("\n")
         baseline = pipe.ask(prepared, question, None, generation, on_text=stream)
         if stream is not None:
             stream("\n")
@@ -174,9 +168,15 @@ def ask_command(
         console.print(f"Merge map written to {merge_map}")
 
 
+_CONTROL = {c: None for c in range(32) if chr(c) not in "\n\t"} | {127: None}
+
+
 def _stdout_writer():
+    """Write answer pieces to stdout as they come; on a terminal, control characters are dropped."""
+    clean = sys.stdout.isatty()
+
     def write(piece: str) -> None:
-        sys.stdout.write(piece)
+        sys.stdout.write(piece.translate(_CONTROL) if clean else piece)
         sys.stdout.flush()
 
     return write

@@ -16,6 +16,7 @@ from typing import Annotated, Any
 
 import typer
 
+from holitom_cli.cli.common import load_pipeline
 from holitom_cli.cli.options import (
     DEFAULT_MAX_NEW_TOKENS,
     DEFAULT_MODEL,
@@ -181,14 +182,16 @@ def batch_command(
 
     Example: holitom batch videos/ -q "What happens?" -q "How many people are there?" -o answers.jsonl
     """
+    from rich.markup import escape
+
     from holitom_cli import batchio
     from holitom_cli.cli.errors import debug_enabled
     from holitom_cli.cli.report import (
         answer_record,
-        library_progress_bars,
         stderr_console,
         versions,
         video_record,
+        warm_up,
     )
     from holitom_cli.pipeline import GenerationOptions
 
@@ -248,9 +251,8 @@ def batch_command(
         TimeRemainingColumn,
     )
 
-    from holitom_cli.pipeline import Pipeline
-
     answered = failed = 0
+    warmed = False
     failures: list[str] = []
     flag = _StopFlag(console)
 
@@ -282,10 +284,18 @@ def batch_command(
                     f"{len(pending)} item(s) to answer over {len(groups)} video(s)"
                     + (f", {skipped} already in {output}" if skipped else "")
                 )
-            with console.status(f"Loading {model} ...") if not quiet else library_progress_bars(False):
-                pipe = Pipeline.load(
-                    model, revision=revision, device=device, dtype=dtype, quantize=quantize, offline=offline
-                )
+            pipe = load_pipeline(
+                console,
+                not quiet,
+                model,
+                revision=revision,
+                device=device,
+                dtype=dtype,
+                quantize=quantize,
+                offline=offline,
+            )
+            if cfg is not None:  # settings that cannot fit this model fail the run once, not every item
+                cfg.resolve_inner_layer(pipe.model.num_layers)
             progress = Progress(
                 SpinnerColumn(),
                 TextColumn("{task.description}"),
@@ -316,6 +326,9 @@ def batch_command(
                         continue
                     for item in group:
                         try:
+                            if compare_baseline and not warmed:
+                                warm_up(pipe, prepared, item.question, cfg)
+                                warmed = True
                             answer = pipe.ask(prepared, item.question, cfg, generation)
                             baseline = None
                             if compare_baseline:
@@ -343,7 +356,7 @@ def batch_command(
             summary += f", {skipped} skipped (already done)"
         console.print(f"{summary} -> {output}")
         for line in failures[:10]:
-            console.print(f"  [red]failed[/red] {line}", markup=True, highlight=False)
+            console.print(f"  [red]failed[/red] {escape(line)}", highlight=False)
         if len(failures) > 10:
             console.print(f"  ... and {len(failures) - 10} more (see the 'error' field in {output})")
     if remaining:

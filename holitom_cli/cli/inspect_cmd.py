@@ -7,12 +7,12 @@ stdout gets the output path only; the summary goes to stderr.
 
 from __future__ import annotations
 
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
+from holitom_cli.cli.common import check_video_path, load_pipeline, prepare_with_progress
 from holitom_cli.cli.options import (
     DEFAULT_MODEL,
     PANEL_OUTPUT,
@@ -92,25 +92,28 @@ def inspect_command(
     if output is None:
         output = Path("merge-map.gif" if gif else "merge-map.png")
     gif = gif or output.suffix.lower() == ".gif"
-    from holitom_cli.cli.ask import check_video_path
     from holitom_cli.render import check_output_path
 
     check_video_path(video)
     check_output_path(output, gif=gif)
 
     from holitom_cli.cli.report import stderr_console
-    from holitom_cli.pipeline import Pipeline
     from holitom_cli.render import save_merge_map
 
     console = stderr_console()
     show = not quiet
-    with console.status(f"Loading {model} ...") if show else nullcontext():
-        pipe = Pipeline.load(
-            model, revision=revision, device=device, dtype=dtype, quantize=quantize, offline=offline
-        )
-    with console.status(f"Reading {video.name} and encoding frames ...") if show else nullcontext():
-        prepared = pipe.prepare_video(video, sampling)
-        result = pipe.compress(prepared, cfg) if cfg is not None else None
+    pipe = load_pipeline(
+        console,
+        show,
+        model,
+        revision=revision,
+        device=device,
+        dtype=dtype,
+        quantize=quantize,
+        offline=offline,
+    )
+    prepared = prepare_with_progress(pipe, video, sampling, console if show else None)
+    result = pipe.compress(prepared, cfg) if cfg is not None else None
 
     rows, cols = prepared.grid
     grid = rows if rows == cols else None

@@ -217,7 +217,12 @@ JsonOpt = Annotated[
 ]
 VerboseOpt = Annotated[
     bool,
-    typer.Option("--verbose", "-v", help="More detail in the report and logs.", rich_help_panel=PANEL_OUTPUT),
+    typer.Option(
+        "--verbose",
+        "-v",
+        help="More detail in the report (settings in effect, KV cache).",
+        rich_help_panel=PANEL_OUTPUT,
+    ),
 ]
 QuietOpt = Annotated[
     bool,

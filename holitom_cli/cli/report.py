@@ -15,6 +15,7 @@ from importlib import metadata
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 SCHEMA_VERSION = 1
@@ -73,6 +74,13 @@ def _ratio(num: float | None, den: float | None) -> float | None:
     if num is None or den is None or not den:
         return None
     return num / den
+
+
+def warm_up(pipe: Any, prepared: Any, question: str, cfg: Any) -> None:
+    """One short answer (1 new token, compressed) so one-time start-up costs fall on neither compared run."""
+    from holitom_cli.pipeline import GenerationOptions
+
+    pipe.ask(prepared, question, cfg, GenerationOptions(max_new_tokens=1))
 
 
 def speedups(record: dict[str, Any], baseline: dict[str, Any]) -> dict[str, float | None]:
@@ -134,7 +142,7 @@ def library_progress_bars(enabled: bool) -> Iterator[None]:
 
 
 def stderr_console() -> Console:
-    return Console(stderr=True, highlight=False, soft_wrap=False)
+    return Console(stderr=True, highlight=False, soft_wrap=True)  # messages stay on one line
 
 
 def _fmt_flops(x: float | None) -> str:
@@ -246,7 +254,8 @@ def print_report(record: dict[str, Any], console: Console, verbose: bool = False
         inner = "on" if cfg["inner"] else "off"
         setting = f"retain {cfg['retain_ratio']:.0%}, tau {cfg['tau']:.2f}, inner merge {inner}"
     where = f"{model.get('device', '?')}, {model.get('dtype', '?')}"
-    console.print(f"[bold]holitom[/bold] · {model.get('name', '?')} ({where}) · {frames} frames · {setting}")
+    name = escape(str(model.get("name", "?")))
+    console.print(f"[bold]holitom[/bold] · {name} ({escape(where)}) · {frames} frames · {setting}")
     console.print(Columns([token_table(record), timing_table(record)], padding=(0, 4)))
     console.print(flops_table(record))
     if verbose:
