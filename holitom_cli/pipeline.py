@@ -135,6 +135,13 @@ class Answer:
     compression: Any = None  # the CompressionResult used, or None without HoliTom
 
 
+def check_question(question: Any) -> str:
+    """The question, or ConfigError when it is empty (cheap: run it before loading a model)."""
+    if not isinstance(question, str) or not question.strip():
+        raise ConfigError("the question is empty", hint="ask something about the video")
+    return question
+
+
 def _outer_key(cfg: Any) -> tuple:
     return (cfg.retain_ratio, cfg.tau, cfg.beta, cfg.dpc_k, cfg.max_window)
 
@@ -247,8 +254,7 @@ class Pipeline:
         """
         import torch
 
-        if not isinstance(question, str) or not question.strip():
-            raise ConfigError("the question is empty", hint="ask something about the video")
+        check_question(question)
         options = options or GenerationOptions()
         if video.model_name != self.model.name:
             raise ConfigError(

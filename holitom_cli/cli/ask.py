@@ -82,7 +82,9 @@ def ask_command(
             hint="Drop --no-compress: the comparison runs the full model anyway.",
         )
     sampling = sampling_options(frames, fps, max_frames)
-    from holitom_cli.pipeline import GenerationOptions
+    from holitom_cli.pipeline import GenerationOptions, check_question
+
+    check_question(question)
 
     generation = GenerationOptions(max_new_tokens=max_new_tokens, temperature=temperature)
     check_video_path(video)
