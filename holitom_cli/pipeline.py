@@ -106,6 +106,7 @@ class PreparedVideo:
     grid: tuple[int, int]
     vision_s: float
     model_name: str
+    vision_peak_bytes: int = 0  # CUDA: peak allocated while the vision tower ran (0 on other devices)
     _compressed: dict[tuple, tuple[Any, float]] = field(default_factory=dict, repr=False)
 
     @property
@@ -209,6 +210,7 @@ class Pipeline:
         del pixels
         _sync(device)
         vision_s = time.perf_counter() - start
+        on_cuda = getattr(device, "type", None) == "cuda"
         return PreparedVideo(
             clip=clip,
             features=vision.features,
@@ -217,6 +219,7 @@ class Pipeline:
             grid=vision.grid,
             vision_s=vision_s,
             model_name=self.model.name,
+            vision_peak_bytes=peak_memory_bytes(device) if on_cuda else 0,
         )
 
     def compress(self, video: PreparedVideo, cfg: Any) -> Any:
@@ -271,6 +274,8 @@ class Pipeline:
             visual = compression.features  # (M, C)
             after_temporal = compression.num_after_temporal
             inner_layer = cfg.resolve_inner_layer(self.model.num_layers)
+        if getattr(self.model.device, "type", None) == "cuda":  # per answer; the vision peak is added below
+            torch.cuda.reset_peak_memory_stats(self.model.device)
         llm_start = time.perf_counter()
         embeds = torch.cat([visual.to(video.newline.dtype), video.newline[None]])  # (M + 1, C)
         input_ids, visual_start = self.model.build_prompt(question, int(embeds.shape[0]))
@@ -318,7 +323,7 @@ class Pipeline:
             tokens=tokens,
             flops=flops,
             timings=timings,
-            peak_memory_bytes=peak_memory_bytes(self.model.device),
+            peak_memory_bytes=max(peak_memory_bytes(self.model.device), video.vision_peak_bytes),
             kv_cache_bytes=result.kv_cache_bytes,
             new_tokens=result.new_tokens,
             prompt_tokens=result.prompt_tokens,
