@@ -10,6 +10,7 @@ here.
 
 from __future__ import annotations
 
+import abc
 import importlib
 import json
 from dataclasses import dataclass
@@ -47,7 +48,7 @@ _OFFLINE_HINT = (
 )
 
 
-class VideoLanguageModel:
+class VideoLanguageModel(abc.ABC):
     """A loaded video LLM of one family: what the pipeline needs, nothing of transformers leaks out.
 
     Subclasses set ``name``, ``family``, ``device``, ``dtype``, ``model``, ``tokenizer`` and implement the
@@ -62,36 +63,41 @@ class VideoLanguageModel:
     quantize: str | None = None
 
     @property
+    @abc.abstractmethod
     def num_layers(self) -> int:  # language model decoder layers
-        raise NotImplementedError
+        ...
 
     @property
+    @abc.abstractmethod
     def tokens_per_frame(self) -> int:  # N: pooled visual tokens per frame
-        raise NotImplementedError
+        ...
 
     @property
+    @abc.abstractmethod
     def decoder(self) -> Any:  # the language model's decoder (``.layers``), where the inner stage hooks in
-        raise NotImplementedError
+        ...
 
+    @abc.abstractmethod
     def language_dims(self) -> dict[str, int]:
         """num_layers, hidden_size, intermediate_size, num_heads, num_kv_heads, vocab_size."""
-        raise NotImplementedError
+        ...
 
+    @abc.abstractmethod
     def vision_dims(self) -> dict[str, int]:
         """num_layers, hidden_size, intermediate_size, num_heads, num_patches, projector_dim, ..."""
-        raise NotImplementedError
+        ...
 
-    def preprocess(self, frames: Any) -> torch.Tensor:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def preprocess(self, frames: Any) -> torch.Tensor: ...
 
-    def encode_video(self, pixel_values: torch.Tensor) -> Any:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def encode_video(self, pixel_values: torch.Tensor) -> Any: ...
 
-    def build_prompt(self, question: str, num_visual: int) -> tuple[torch.Tensor, int]:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def build_prompt(self, question: str, num_visual: int) -> tuple[torch.Tensor, int]: ...
 
-    def generate(self, input_ids: torch.Tensor, visual_embeds: torch.Tensor, **kwargs: Any) -> Any:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def generate(self, input_ids: torch.Tensor, visual_embeds: torch.Tensor, **kwargs: Any) -> Any: ...
 
     def describe(self) -> dict[str, Any]:
         return {
