@@ -48,6 +48,16 @@ def test_auto_device_and_dtype_on_cpu():
     assert resolve_dtype("fp16", torch.device("cpu")) == torch.float16
 
 
+@pytest.mark.parametrize(("native", "expected"), [(True, torch.bfloat16), (False, torch.float16)])
+def test_auto_dtype_on_cuda_ignores_emulated_bf16(monkeypatch, native, expected):
+    # torch reports bf16 on pre-Ampere GPUs unless emulation is excluded: those must get fp16
+    def is_bf16_supported(including_emulation=True):
+        return True if including_emulation else native
+
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", is_bf16_supported)
+    assert resolve_dtype("auto", torch.device("cuda")) == expected
+
+
 @pytest.mark.parametrize(
     "kwargs", [{"device": "tpu"}, {"device": "cuda"}, {"dtype": "int8"}, {"quantize": "2bit"}]
 )

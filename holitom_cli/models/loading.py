@@ -145,7 +145,8 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
             raise ConfigError(f"unknown dtype {dtype!r}", hint=f"use one of: {names}")
         return getattr(torch, DTYPES[dtype])
     if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        # without including_emulation=False, torch reports bf16 on pre-Ampere GPUs too (emulated, slow)
+        return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
     if device.type == "mps":
         return torch.float16
     try:
