@@ -308,7 +308,7 @@ class Pipeline:
             into_llm=into_llm,
             after_inner=inner.visual_after if inner is not None else into_llm,
         )
-        flops = self._flops(frames, per_frame, prompt_without_video, tokens, inner, compression)
+        flops = self._flops(video, prompt_without_video, tokens, inner, cfg, compression)
         llm_to_first_token = (result.started_at - llm_start) + result.prefill_s
         timings = TimingStats(
             decode_video_s=video.decode_s,
@@ -343,25 +343,11 @@ class Pipeline:
 
     # ------------------------------------------------------------------------------------------- FLOPs
 
-    def _flops(
-        self,
-        frames: int,
-        per_frame: int,
-        text_tokens: int,
-        tokens: TokenStats,
-        inner: InnerStats | None,
-        compression: Any,
-    ) -> FlopStats:
-        from holitom_cli.compression import (
-            LanguageModelShape,
-            VisionShape,
-            exact_prefill_flops,
-            paper_prefill_flops,
-            vision_flops,
-        )
+    def _language_shape(self) -> Any:
+        from holitom_cli.compression import LanguageModelShape
 
         lm = self.model.language_dims()
-        shape = LanguageModelShape(
+        return LanguageModelShape(
             num_layers=lm["num_layers"],
             hidden_size=lm["hidden_size"],
             ffn_size=lm["intermediate_size"],
@@ -370,27 +356,47 @@ class Pipeline:
             head_dim=lm["hidden_size"] // lm["num_heads"],
             vocab_size=lm["vocab_size"],
         )
-        full_visual = frames * per_frame
+
+    def paper_flops(self, video: PreparedVideo, cfg: Any, compression: Any) -> tuple[float, float]:
+        """LLM prefill FLOPs by the paper's formula (visual tokens only): (full model, this setting).
+
+        ``cfg``/``compression`` None means no compression (both numbers are the full model's).
+        """
+        from holitom_cli.compression import paper_prefill_flops
+
+        shape = self._language_shape()
+        kw = {"num_layers": shape.num_layers, "hidden_size": shape.hidden_size, "ffn_size": shape.ffn_size}
+        baseline = paper_prefill_flops(**kw, visual_tokens=video.num_frames * video.tokens_per_frame)
+        if cfg is None or compression is None:
+            return baseline, baseline
+        layer = cfg.resolve_inner_layer(shape.num_layers)
+        holitom = paper_prefill_flops(
+            **kw,
+            visual_tokens=compression.num_tokens,
+            inner_layer=layer,
+            inner_prune_ratio=cfg.inner_prune_ratio if layer is not None else 0.0,
+        )
+        return baseline, holitom
+
+    def _flops(
+        self,
+        video: PreparedVideo,
+        text_tokens: int,
+        tokens: TokenStats,
+        inner: InnerStats | None,
+        cfg: Any,
+        compression: Any,
+    ) -> FlopStats:
+        from holitom_cli.compression import VisionShape, exact_prefill_flops, vision_flops
+
+        shape = self._language_shape()
+        full_visual = video.num_frames * video.tokens_per_frame
         baseline = exact_prefill_flops(shape, text_tokens + full_visual + 1)["total"]
         removed = (inner.visual_before - inner.visual_after) if inner is not None else 0
         holitom = exact_prefill_flops(
             shape, text_tokens + tokens.into_llm, removed, inner.layer if inner is not None else None
         )["total"]
-        paper_kw = {
-            "num_layers": shape.num_layers,
-            "hidden_size": shape.hidden_size,
-            "ffn_size": shape.ffn_size,
-        }
-        paper_baseline = paper_prefill_flops(**paper_kw, visual_tokens=full_visual)
-        if compression is None:
-            paper_holitom = paper_baseline
-        else:
-            paper_holitom = paper_prefill_flops(
-                **paper_kw,
-                visual_tokens=compression.num_tokens,
-                inner_layer=inner.layer if inner is not None else None,
-                inner_prune_ratio=inner.prune_ratio if inner is not None else 0.0,
-            )
+        paper_baseline, paper_holitom = self.paper_flops(video, cfg, compression)
         vd = self.model.vision_dims()
         vshape = VisionShape(
             num_layers=vd["num_layers"],
@@ -402,4 +408,6 @@ class Pipeline:
             projector_hidden=vd["projector_dim"],
             projector_out=vd["projector_dim"],
         )
-        return FlopStats(baseline, holitom, paper_baseline, paper_holitom, vision_flops(vshape, frames))
+        return FlopStats(
+            baseline, holitom, paper_baseline, paper_holitom, vision_flops(vshape, video.num_frames)
+        )

@@ -117,36 +117,14 @@ def inspect_command(
 
     rows, cols = prepared.grid
     grid = rows if rows == cols else None
-    flops = flops_ratio(pipe, prepared, cfg, result)
+    full, ours = pipe.paper_flops(prepared, cfg, result)
+    flops = ours / full
     caption = merge_map_caption(video, pipe.model.name, preset, cfg, flops, pipe.model.num_layers)
     clip = prepared.clip
     saved = save_merge_map(output, clip.frames, clip.timestamps, result, grid=grid, caption=caption, gif=gif)
     if show:
         print_summary(console, prepared, result, flops, saved)
     typer.echo(str(saved))
-
-
-def flops_ratio(pipe: Any, prepared: Any, cfg: Any, result: Any) -> float:
-    """LLM prefill FLOPs with HoliTom over the full model's, by the paper's formula (visual tokens only)."""
-    from holitom_cli.compression import paper_prefill_flops
-
-    if cfg is None or result is None:
-        return 1.0
-    lm = pipe.model.language_dims()
-    shape = {
-        "num_layers": lm["num_layers"],
-        "hidden_size": lm["hidden_size"],
-        "ffn_size": lm["intermediate_size"],
-    }
-    full = paper_prefill_flops(**shape, visual_tokens=prepared.num_frames * prepared.tokens_per_frame)
-    inner = cfg.resolve_inner_layer(lm["num_layers"])
-    ours = paper_prefill_flops(
-        **shape,
-        visual_tokens=result.num_tokens,
-        inner_layer=inner,
-        inner_prune_ratio=cfg.inner_prune_ratio if inner is not None else 0.0,
-    )
-    return ours / full
 
 
 def merge_map_caption(
