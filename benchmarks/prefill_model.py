@@ -101,6 +101,7 @@ def measure_layer_curve(
     """
     from transformers import DynamicCache
 
+    from holitom_cli.models.compat import cache_keyword
     from holitom_cli.models.random_model import SHAPES
 
     model, cfg = build_layer(shape, dtype, device)
@@ -110,14 +111,14 @@ def measure_layer_curve(
         for n in token_counts:
             x = torch.randn(1, n, cfg.hidden_size, generator=g).to(device=device, dtype=dtype)
             model(
-                inputs_embeds=x, use_cache=True, past_key_values=DynamicCache(config=cfg)
+                inputs_embeds=x, use_cache=True, **{cache_keyword(model): DynamicCache(config=cfg)}
             )  # per-shape warm-up
             times = []
             for _ in range(repeats):
                 synchronize(device)
                 _, dt = timed(
                     lambda x=x, model=model: model(
-                        inputs_embeds=x, use_cache=True, past_key_values=DynamicCache(config=cfg)
+                        inputs_embeds=x, use_cache=True, **{cache_keyword(model): DynamicCache(config=cfg)}
                     ),
                     device,
                 )

@@ -10,7 +10,7 @@ MAX_FRAMES = 512  # hard cap on the number of sampled frames (``--frames`` / ``-
 DEFAULT_FPS_MAX_FRAMES = 64  # cap applied to ``--fps`` sampling when ``--max-frames`` is not given
 
 # Questions
-MAX_QUESTION_CHARS = 20_000  # longer questions are refused before any work (the model's context bounds it too)
+MAX_QUESTION_CHARS = 20_000  # longer questions are refused before any work (the context bounds it too)
 
 # Generation
 MAX_NEW_TOKENS = 8192  # ``--max-new-tokens`` upper bound (the model's context bounds it too)

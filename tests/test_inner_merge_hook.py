@@ -13,6 +13,7 @@ import torch
 from transformers import DynamicCache, Qwen2Config, Qwen2ForCausalLM
 
 from holitom_cli.errors import ConfigError, HolitomError, ModelError
+from holitom_cli.models.compat import cache_keyword
 from holitom_cli.models.inner_merge import InnerMergeStats, attach_inner_merge
 
 IMPLS = ["sdpa", "eager"]
@@ -198,7 +199,7 @@ def test_cache_lengths_and_decode_match_recompute(model, style: str) -> None:
     with attach_inner_merge(model.model, layer=k, prune_ratio=0.5) as handle, torch.no_grad():
         handle.arm(V_START, V_LEN)
         cache = DynamicCache(config=model.config)
-        out = model(ids, past_key_values=cache, use_cache=True, **extra)
+        out = model(ids, **{cache_keyword(model): cache}, use_cache=True, **extra)
         lengths = [cache.get_seq_length(i) for i in range(N_LAYERS)]
         assert lengths == [PROMPT_LEN] * k + [PROMPT_LEN - removed] * (N_LAYERS - k)
         assert handle.stats.kv_lengths == lengths
@@ -209,7 +210,7 @@ def test_cache_lengths_and_decode_match_recompute(model, style: str) -> None:
             mask2d = torch.cat([mask2d, torch.ones(1, 1, dtype=torch.long)], dim=1)
             if style != "bare":  # what generate passes: the 2-D mask and absolute positions
                 extra = {"attention_mask": mask2d, "position_ids": mask_positions(mask2d)[:, -1:]}
-            out = model(nxt, past_key_values=cache, use_cache=True, **extra)
+            out = model(nxt, **{cache_keyword(model): cache}, use_cache=True, **extra)
             assert [cache.get_seq_length(i) for i in range(N_LAYERS)] == [x + step + 1 for x in lengths]
             expected, _, _ = reference_logits(model, tokens, k, 0.5, mask2d=mask2d)
             torch.testing.assert_close(out.logits[0, -1], expected[-1], rtol=0, atol=2e-5)

@@ -39,6 +39,7 @@ import torch
 
 from holitom_cli.compression import merge_visual_states
 from holitom_cli.errors import ConfigError, ModelError
+from holitom_cli.models.compat import cache_keyword, layer_cache
 
 __all__ = ["InnerMergeHandle", "InnerMergeStats", "attach_inner_merge"]
 
@@ -163,7 +164,7 @@ class InnerMergeHandle:
                 f"visual span [{start}, {start + length}) lies outside the prompt of {n} tokens",
                 hint="arm the handle with the span of the visual tokens in the prompt being prefilled",
             )
-        cache = kwargs.get("past_key_values")
+        cache = layer_cache(kwargs)
         if cache is not None:
             if getattr(cache, "is_compileable", False):
                 raise ModelError(
@@ -192,7 +193,7 @@ class InnerMergeHandle:
             return self._merge(args, kwargs, hidden, *pending)
         mask = kwargs.get("attention_mask")
         if isinstance(mask, torch.Tensor) and mask.dim() == 4:
-            new_mask = self._decode_mask(mask, hidden.shape[1], kwargs.get("past_key_values"))
+            new_mask = self._decode_mask(mask, hidden.shape[1], layer_cache(kwargs))
             if new_mask is not mask:
                 self._swap, self._swap_len = {"attention_mask": new_mask}, hidden.shape[1]
                 return args, {**kwargs, "attention_mask": new_mask}
@@ -210,7 +211,7 @@ class InnerMergeHandle:
         if not self._fill_kv_lengths:
             return None
         self._fill_kv_lengths = False
-        cache = kwargs.get("past_key_values")
+        cache = layer_cache(kwargs)
         if cache is not None and self.stats is not None:
             lengths = [int(cache.get_seq_length(i)) for i in range(len(self.decoder.layers))]
             self.stats = dataclasses.replace(self.stats, kv_lengths=lengths)
@@ -260,7 +261,7 @@ class InnerMergeHandle:
                 f"unsupported attention mask of type {type(mask).__name__} for the inner merge",
                 hint=f"load the model with attn_implementation in {_SUPPORTED_ATTENTION}",
             )
-        cache = kwargs.get("past_key_values")
+        cache = layer_cache(kwargs)
         self._record = _Record(weakref.ref(cache) if cache is not None else None, keep_full, n)
         self._swap, self._swap_len = swap, int(keep_full.numel())
         args, kwargs = _with_hidden(args, kwargs, new_hidden)
@@ -370,6 +371,7 @@ def attach_inner_merge(decoder: torch.nn.Module, layer: int, prune_ratio: float)
             "the inner merge does not support sliding-window attention layers",
             hint="use a checkpoint with use_sliding_window=false (all Qwen2 LLaVA-OneVision models)",
         )
+    cache_keyword(layers[0])  # fails loudly on a decoder layer whose cache keyword this version lacks
     if decoder in _ACTIVE:
         raise ModelError(
             "this decoder already has inner-merge hooks attached",

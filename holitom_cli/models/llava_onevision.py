@@ -22,12 +22,17 @@ import numpy as np
 import torch
 
 from holitom_cli.errors import ConfigError, ModelError
+from holitom_cli.models.compat import check_transformers_version, output_cache, video_features
 from holitom_cli.models.loading import VideoLanguageModel
 from holitom_cli.models.random_model import QWEN_CHAT_TEMPLATE
 from holitom_cli.models.vision_attention import ReceivedAttention
 
 FAMILY = "llava_onevision"
 _PREPROCESSOR_FILES = ("video_preprocessor_config.json", "preprocessor_config.json", "processor_config.json")
+
+
+class _SkipFile(Exception):
+    """A preprocessor config file without image settings: try the next one."""
 
 
 @dataclass(frozen=True)
@@ -47,31 +52,50 @@ class Preprocessing:
             file = path / name
             if not file.is_file():
                 continue
-            spec = json.loads(file.read_text())
-            spec = spec.get("video_processor") or spec.get("image_processor") or spec
-            if "image_mean" not in spec:
+            try:
+                return cls._from_file(file, name, image_size)
+            except _SkipFile:
                 continue
-            size = spec.get("size") or {}
-            side = size.get("height") or size.get("shortest_edge") or image_size
-            if int(side) != image_size:
+            except ModelError:
+                raise
+            except (OSError, UnicodeDecodeError, ValueError, TypeError, KeyError, AttributeError) as exc:
                 raise ModelError(
-                    f"{file} resizes to {side} px but the vision tower expects {image_size} px",
-                    hint="the checkpoint's preprocessor config does not match its model config",
-                )
-            return cls(
-                size=image_size,
-                resample=int(spec.get("resample", 3)),
-                rescale_factor=float(spec.get("rescale_factor", 1 / 255))
-                if spec.get("do_rescale", True)
-                else 1.0,
-                mean=tuple(spec["image_mean"]) if spec.get("do_normalize", True) else (0.0, 0.0, 0.0),
-                std=tuple(spec.get("image_std", (1.0, 1.0, 1.0)))
-                if spec.get("do_normalize", True)
-                else (1.0,) * 3,
-                source=name,
-            )
+                    f"the preprocessor config {file} is broken ({type(exc).__name__}: {exc})",
+                    hint="the download may be incomplete: run `holitom download` again, or fix the file",
+                ) from exc
         # SigLIP's values (LLaVA-OV): bicubic, 1/255, mean = std = 0.5 (NOT the CLIP defaults of the library).
         return cls(image_size, 3, 1 / 255, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), "defaults")
+
+    @classmethod
+    def _from_file(cls, file: Path, name: str, image_size: int) -> Preprocessing:
+        """Settings from one saved config file; raises _SkipFile when it holds no image settings."""
+        spec = json.loads(file.read_text(encoding="utf-8"))
+        if not isinstance(spec, dict):
+            raise ValueError(f"expected a JSON object, found {type(spec).__name__}")
+        spec = spec.get("video_processor") or spec.get("image_processor") or spec
+        if not isinstance(spec, dict) or "image_mean" not in spec:
+            raise _SkipFile
+        size = spec.get("size") or {}
+        side = size.get("height") or size.get("shortest_edge") or image_size
+        if int(side) != image_size:
+            raise ModelError(
+                f"{file} resizes to {side} px but the vision tower expects {image_size} px",
+                hint="the checkpoint's preprocessor config does not match its model config",
+            )
+        normalize = spec.get("do_normalize", True)
+        mean = tuple(float(v) for v in spec["image_mean"]) if normalize else (0.0, 0.0, 0.0)
+        std = tuple(float(v) for v in spec.get("image_std", (1.0, 1.0, 1.0))) if normalize else (1.0,) * 3
+        if len(mean) != 3 or len(std) != 3 or not all(v > 0 for v in std):
+            raise ValueError("image_mean and image_std must hold 3 values each, std > 0")
+        rescale = float(spec.get("rescale_factor", 1 / 255)) if spec.get("do_rescale", True) else 1.0
+        return cls(
+            size=image_size,
+            resample=int(spec.get("resample", 3)),
+            rescale_factor=rescale,
+            mean=mean,  # type: ignore[arg-type]
+            std=std,  # type: ignore[arg-type]
+            source=name,
+        )
 
     def __call__(self, frames: np.ndarray) -> torch.Tensor:
         """(T, H, W, 3) uint8 RGB -> (T, 3, size, size) float32 normalised."""
@@ -259,20 +283,26 @@ class LlavaOneVision(VideoLanguageModel):
 
     @torch.no_grad()
     def encode_video(
-        self, pixel_values: torch.Tensor, chunk_frames: int = 8, on_progress: Any = None
+        self, pixel_values: torch.Tensor, chunk_frames: int | None = None, on_progress: Any = None
     ) -> VisionOutput:
         """Vision tower + projector + pooling per frame, and the last vision layer's received attention.
 
-        pixel_values: (T, 3, S, S). Frames run in chunks of ``chunk_frames`` (the attention score in chunks
-        of 4); ``on_progress(frames_done, frames_total)`` is called after each chunk.
+        pixel_values: (T, 3, S, S). Frames run in chunks of ``chunk_frames`` (default: 1 on CPU, where a
+        frame takes seconds and batching buys nothing, so progress moves per frame; 8 on accelerators);
+        the attention score runs in chunks of 4. ``on_progress(frames_done, frames_total)`` is called once
+        with 0 before the first chunk and after each chunk.
         """
         total = int(pixel_values.shape[0])
+        if chunk_frames is None:
+            chunk_frames = 1 if self.device.type == "cpu" else 8
         features, newline = [], None
+        if on_progress is not None:
+            on_progress(0, total)
         with ReceivedAttention(self._attention_layer(), chunk_frames=4) as recorder:
             for start in range(0, total, chunk_frames):
                 chunk = pixel_values[start : start + chunk_frames]
-                out = self.model.model.get_video_features(pixel_values_videos=chunk[None], return_dict=True)
-                pooled = out.pooler_output[0]  # (t*N + 1, C): the frames' tokens, then one newline
+                # (t*N + 1, C): the frames' tokens, then one newline
+                pooled = video_features(self.model.model, chunk[None], self.tokens_per_frame)
                 features.append(pooled[:-1].reshape(chunk.shape[0], self.tokens_per_frame, -1))
                 newline = pooled[-1]
                 if on_progress is not None:
@@ -388,8 +418,16 @@ class LlavaOneVision(VideoLanguageModel):
             inner_stats = handle.stats if handle is not None else None
             if handle is not None:
                 handle.remove()
+        if handle is not None and (inner_stats is None or inner_stats.kv_lengths is None):
+            # The hooks were armed but did not see the prefill (or its cache): a transformers change in how
+            # decoder layers are called. Never report "nothing removed" for a stage that did not run.
+            raise ModelError(
+                "the inner merge was armed but did not run during prefill",
+                hint="this transformers version calls the decoder layers in a way holitom does not know: "
+                'install a tested one (pip install "transformers>=5.20,<6"), or use --no-inner',
+            )
         times = streamer.times or [end]
-        kv_bytes, kv_lengths = cache_size(getattr(out, "past_key_values", None))
+        kv_bytes, kv_lengths = cache_size(output_cache(out))
         del out
         return GenerationResult(
             text=streamer.text(),
@@ -431,6 +469,7 @@ def load(
     """Load a LLaVA-OneVision checkpoint folder with SDPA attention (never remote code)."""
     from transformers import AutoTokenizer, LlavaOnevisionForConditionalGeneration
 
+    check_transformers_version()
     kwargs: dict[str, Any] = {"dtype": dtype, "attn_implementation": "sdpa"}
     if quantization is not None:
         kwargs["quantization_config"] = quantization

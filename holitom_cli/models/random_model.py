@@ -22,7 +22,8 @@ tiny      2 layers, hidden 32, 104 px / patch 8    6 layers, hidden 64, 4 heads 
 
 The tokenizer is a small byte-level BPE trained at build time on a few hundred words of English, plus the
 Qwen/LLaVA special tokens. For the real shapes the special tokens keep their real ids (``<|endoftext|>``
-151643 ... ``<video>`` 151647) by padding the vocabulary with unused reserved entries.
+151643 ... ``<video>`` 151647) by padding the vocabulary with unused filler entries (``Ġr<id>``, which
+decode to plain text " r<id>": a random model samples them, and they must not look like special tokens).
 
 Command line: ``python -m holitom_cli.models.random_model --shape tiny OUT_DIR``.
 """
@@ -157,7 +158,7 @@ def build_tokenizer(real_special_ids: bool) -> Any:
     base = len(vocab)
     if real_special_ids:
         for i in range(base, REAL_SPECIAL_IDS[0]):
-            vocab[f"<|reserved_{i}|>"] = i
+            vocab[f"\u0120r{i}"] = i  # byte-level for " r<i>": plain filler text, never produced by BPE
         base = REAL_SPECIAL_IDS[0]
     spec["added_tokens"] = [
         {
