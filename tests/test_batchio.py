@@ -15,6 +15,7 @@ from holitom_cli.errors import ConfigError
 
 def _record(video: str, question: str, digest: str = "h1", error: str | None = None) -> dict:
     return {
+        "schema_version": 1,
         "question": question,
         "answer": None if error else f"answer to {question}",
         "video": {"path": video},
@@ -107,97 +108,96 @@ def test_dumps_line_is_strict_single_line_json():
     assert json.loads(line) == {"answer": "two\nlines", "x": None, "y": [None, 1.5]}
 
 
-# ------------------------------------------------------------------------------------------- store
+# ------------------------------------------------------------------------------------------- encodings
 
 
-def _lines(path: Path) -> list[dict]:
-    text = path.read_text(encoding="utf-8")
-    assert text == "" or text.endswith("\n")
-    return [json.loads(line) for line in text.splitlines()]
+@pytest.mark.parametrize(
+    "encoding", ["utf-8", "utf-8-sig", "utf-16", "utf-16-le-bom", "utf-16-be-bom", "utf-32"]
+)
+def test_manifests_and_questions_in_utf8_or_with_a_byte_order_mark(tmp_path, encoding):
+    def encode(text: str) -> bytes:
+        if encoding == "utf-16-le-bom":
+            return b"\xff\xfe" + text.encode("utf-16-le")
+        if encoding == "utf-16-be-bom":
+            return b"\xfe\xff" + text.encode("utf-16-be")
+        return text.encode(encoding)  # utf-16 / utf-32 / utf-8-sig write their own mark
+
+    csv_file = tmp_path / "m.csv"
+    csv_file.write_bytes(encode('video,question\ncafé.mp4,"Qu\'est-ce qui bouge ?"\n'))
+    assert batchio.read_manifest(csv_file) == [((tmp_path / "café.mp4").resolve(), "Qu'est-ce qui bouge ?")]
+    jl = tmp_path / "m.jsonl"
+    jl.write_bytes(encode('{"video": "é.mp4", "question": "Wie viele?"}\n'))
+    assert batchio.read_manifest(jl) == [((tmp_path / "é.mp4").resolve(), "Wie viele?")]
+    q = tmp_path / "q.txt"
+    q.write_bytes(encode("Что происходит?\n¿Cuántos?\n"))
+    assert batchio.read_questions(q) == ["Что происходит?", "¿Cuántos?"]
 
 
-def test_store_appends_one_line_per_record_and_reports_done_keys(tmp_path):
-    out = tmp_path / "out.jsonl"
-    with ResultStore(out) as store:
-        state = store.open()
-        assert state.records == [] and state.dropped_lines == 0
-        store.append(_record("/v/a.mp4", "Q1"))
-        store.append(_record("/v/a.mp4", "Q2", error="boom"))
-    assert [r["question"] for r in _lines(out)] == ["Q1", "Q2"]
-    store = ResultStore(out)
-    state = store.open(retry_errors=False)
-    store.close()
-    assert store.done_keys() == {("/v/a.mp4", "Q1", "h1"), ("/v/a.mp4", "Q2", "h1")}
-    assert state.dropped_errors == 0
+@pytest.mark.parametrize(
+    ("name", "content", "needle"),
+    [
+        ("latin1.csv", "video,question\nclip.mp4,Qu'est-ce qui se passe à la fin ?\n".encode("latin-1"),
+         r"latin1\.csv is not valid UTF-8 \(line 2, column 33: byte 0xe0\)"),
+        ("latin1.jsonl", '{"video": "caf\xe9.mp4"}\n'.encode("latin-1"), r"line 1, column 15: byte 0xe9"),
+        ("cesu.csv", b"video,question\nclip.mp4,\xed\xa0\x80?\n", r"not valid UTF-8 \(line 2, column 10"),
+        ("odd.jsonl", b"\xff\xfe" + '{"video": "a"}\n'.encode("utf-16-le") + b"\x00", r"not valid UTF-16"),
+        ("q.txt", "Où ?\n".encode("latin-1"), r"questions file .*q\.txt is not valid UTF-8 \(line 1"),
+    ],
+)  # fmt: skip
+def test_text_inputs_that_are_not_utf8_give_one_line_naming_file_line_and_encoding(
+    tmp_path, name, content, needle
+):
+    path = tmp_path / name
+    path.write_bytes(content)
+    read = batchio.read_questions if name.endswith(".txt") else batchio.read_manifest
+    with pytest.raises(ConfigError, match=needle) as info:
+        read(path)
+    assert "\n" not in info.value.message and "UTF-8" in info.value.hint
 
 
-def test_store_retry_errors_removes_failed_lines(tmp_path):
-    out = tmp_path / "out.jsonl"
-    out.write_text(
-        "".join(json.dumps(r) + "\n" for r in [_record("/a", "Q1"), _record("/b", "Q1", error="x")])
-    )
-    store = ResultStore(out)
-    state = store.open(retry_errors=True)
-    store.close()
-    assert state.dropped_errors == 1
-    assert store.done_keys() == {("/a", "Q1", "h1")}
-    assert [r["video"]["path"] for r in _lines(out)] == ["/a"]
+def test_json_manifest_surrogate_escapes(tmp_path):
+    jl = tmp_path / "m.jsonl"
+    # \udc80-\udcff stand for the bytes of a file name that is not UTF-8 (Python's surrogateescape) ...
+    jl.write_text('{"video": "caf\\udce9.mp4", "question": "Q"}\n', encoding="utf-8")
+    [(video, question)] = batchio.read_manifest(jl)
+    assert os.fsencode(video) == os.fsencode(tmp_path.resolve()) + b"/caf\xe9.mp4" and question == "Q"
+    assert batchio.path_text(video).endswith("caf\\udce9.mp4")
+    # ... any other lone surrogate is not text: one line naming the line and the field.
+    jl.write_text('{"video": "a.mp4"}\n{"video": "\\ud800.mp4", "question": "Q"}\n', encoding="utf-8")
+    with pytest.raises(ConfigError, match=r"m\.jsonl line 2: 'video' holds an invalid Unicode character"):
+        batchio.read_manifest(jl)
+    jl.write_text('{"video": "a.mp4", "question": "Why \\udce9?"}\n', encoding="utf-8")
+    with pytest.raises(ConfigError, match=r"line 1: 'question' holds an invalid Unicode character"):
+        batchio.read_manifest(jl)
+    jl.write_text('{"video": "a\\u0000.mp4"}\n', encoding="utf-8")
+    with pytest.raises(ConfigError, match="NUL"):
+        batchio.read_manifest(jl)
+    with pytest.raises(ConfigError, match="invalid Unicode"):
+        batchio.build_items([(Path("/v/a.mp4"), None)], ["Why \udce9?"])
 
 
-@pytest.mark.parametrize("cut", [1, 10, -2, -1])
-def test_store_truncates_a_torn_last_line_and_redoes_it(tmp_path, cut):
-    out = tmp_path / "out.jsonl"
-    good = json.dumps(_record("/a", "Q1")) + "\n"
-    torn_full = json.dumps(_record("/b", "Q1")) + "\n"
-    # Cut the second line anywhere before its newline (even right before it: a complete object without
-    # its newline is still treated as torn, since the write of that line did not finish).
-    torn = torn_full[:cut] if cut > 0 else torn_full[: len(torn_full) + cut]
-    out.write_bytes((good + torn).encode())
-    store = ResultStore(out)
-    state = store.open()
-    assert state.dropped_lines == 1
-    store.append(_record("/c", "Q1"))
-    store.close()
-    assert out.read_text() == good + json.dumps(_record("/c", "Q1"), separators=(", ", ": ")) + "\n"
-    assert store.done_keys() == {("/a", "Q1", "h1"), ("/c", "Q1", "h1")}
+def test_find_videos_keeps_names_that_are_not_utf8(tmp_path):
+    folder = os.fsencode(tmp_path)
+    for raw in (b"caf\xe9.mp4", b"b.mp4", b"\xff\xfe.avi", b"notes\xe9.txt"):
+        with open(folder + b"/" + raw, "wb") as fh:
+            fh.write(b"x")
+    found = batchio.find_videos(tmp_path, [".mp4", ".avi"])
+    assert [os.fsencode(p.name) for p in found] == [b"b.mp4", b"caf\xe9.mp4", b"\xff\xfe.avi"]
+    texts = [batchio.path_text(p.name) for p in found]
+    assert texts == ["b.mp4", "caf\\udce9.mp4", "\\udcff\\udcfe.avi"]
+    assert all(t.encode("utf-8") for t in texts)  # valid UTF-8 text, for the JSON
+    # The key of an item and the key read back from its stored line are the same text.
+    item = BatchItem(found[1], "Q")
+    line = batchio.dumps_line({"video": {"path": batchio.path_text(item.video)}, "question": "Q",
+                               "settings_hash": "h"})  # fmt: skip
+    assert batchio.record_key(json.loads(line)) == batchio.item_key(item, "h")
 
 
-def test_store_removes_damaged_middle_lines(tmp_path):
-    out = tmp_path / "out.jsonl"
-    lines = [json.dumps(_record("/a", "Q1")), '{"half": ', "\x00\x00", json.dumps(_record("/b", "Q1"))]
-    out.write_text("\n".join(lines) + "\n")
-    store = ResultStore(out)
-    state = store.open()
-    store.close()
-    assert state.dropped_lines == 2
-    assert [r["video"]["path"] for r in _lines(out)] == ["/a", "/b"]
-    assert not (tmp_path / "out.jsonl.tmp").exists()
+def test_dumps_line_escapes_surrogates_so_the_line_is_valid_utf8():
+    line = batchio.dumps_line({"error": "cannot open /v/caf\udce9.mp4", "k\udcff": ["\udc80"]})
+    data = line.encode("utf-8")  # today: UnicodeEncodeError, a crash in the middle of a batch
+    assert json.loads(data) == {"error": "cannot open /v/caf\\udce9.mp4", "k\\udcff": ["\\udc80"]}
 
 
-def test_store_leaves_a_clean_file_untouched(tmp_path):
-    out = tmp_path / "out.jsonl"
-    content = json.dumps(_record("/a", "Q1")) + "\n"
-    out.write_text(content)
-    before = os.stat(out).st_mtime_ns
-    store = ResultStore(out)
-    store.open()
-    store.close()
-    assert out.read_text() == content
-    assert os.stat(out).st_mtime_ns == before
-
-
-def test_check_writable_errors(tmp_path):
-    with pytest.raises(ConfigError, match="does not exist"):
-        ResultStore.check_writable(tmp_path / "missing" / "out.jsonl")
-    with pytest.raises(ConfigError, match="is a directory"):
-        ResultStore.check_writable(tmp_path)
-    if os.geteuid() != 0:  # root can write anywhere
-        locked = tmp_path / "locked"
-        locked.mkdir(mode=0o500)
-        with pytest.raises(ConfigError, match="cannot write"):
-            ResultStore.check_writable(locked / "out.jsonl")
-
-
-def test_append_before_open_is_a_programming_error(tmp_path):
-    with pytest.raises(RuntimeError):
-        ResultStore(tmp_path / "x.jsonl").append({})
+def test_results_store_still_importable_from_batchio():
+    assert batchio.ResultStore is ResultStore and batchio.OutputError.__name__ == "OutputError"

@@ -1,8 +1,10 @@
 """``holitom batch INPUT -o out.jsonl``: many (video, question) pairs, one JSON line each, resumable.
 
 The model loads once; each video is decoded and encoded once for all its questions. Lines are written by
-:class:`holitom_cli.batchio.ResultStore` (one write + fsync per line), so a run killed at any moment resumes
-where it stopped; items that failed before are retried.
+:class:`holitom_cli.batch_store.ResultStore` (one write + fsync per line), so a run killed at any moment
+resumes where it stopped; items that failed before are retried. The output is checked and locked before the
+model loads: a file that holitom did not write, an input file, a non-regular file or a file another run is
+writing is refused untouched (issue 9).
 """
 
 from __future__ import annotations
@@ -59,10 +61,10 @@ OutputOpt = Annotated[
     typer.Option(
         "--output",
         "-o",
-        help="JSONL file to write (appended to; existing answers are skipped).",
+        help="JSONL file to write: a new or empty file, or one an earlier batch wrote (appended to; existing "
+        "answers are skipped). Any other file is refused untouched.",
         rich_help_panel=PANEL_OUTPUT,
         show_default=False,
-        dir_okay=False,
     ),
 ]
 RecursiveOpt = Annotated[
@@ -98,23 +100,30 @@ def collect_items(input_path: Path, recursive: bool, questions: list[str]) -> li
     from holitom_cli import batchio
     from holitom_cli.video import VIDEO_EXTENSIONS
 
+    name = batchio.path_text(input_path)
     if not input_path.exists():
         raise ConfigError(
-            f"input not found: {input_path}", hint="Pass a folder of videos or a .jsonl/.csv manifest."
+            f"input not found: {name}", hint="Pass a folder of videos or a .jsonl/.csv manifest."
         )
     if input_path.is_dir():
         videos = batchio.find_videos(input_path, VIDEO_EXTENSIONS, recursive=recursive)
         if not videos:
             raise ConfigError(
-                f"no videos in {input_path}" + ("" if recursive else " (sub-folders not searched)"),
+                f"no videos in {name}" + ("" if recursive else " (sub-folders not searched)"),
                 hint=f"Known extensions: {' '.join(VIDEO_EXTENSIONS)}"
                 + ("" if recursive else "; add --recursive to search sub-folders."),
             )
         rows = [(v, None) for v in videos]
     elif input_path.suffix.lower() in batchio.MANIFEST_SUFFIXES:
         rows = batchio.read_manifest(input_path)
-    else:
+    elif input_path.suffix.lower() in VIDEO_EXTENSIONS:
         rows = [(input_path.resolve(), None)]
+    else:
+        raise ConfigError(
+            f"{name} is not a video, a folder or a manifest (unknown extension "
+            f"{batchio.path_text(input_path.suffix) or 'none'})",
+            hint=f"Pass a video ({' '.join(VIDEO_EXTENSIONS)}), a folder of videos or a manifest.",
+        )
     return batchio.build_items(rows, questions)
 
 
@@ -185,7 +194,7 @@ def batch_command(
     from rich.markup import escape
 
     from holitom_cli import batchio
-    from holitom_cli.cli.errors import debug_enabled
+    from holitom_cli.cli.errors import debug_enabled, print_error
     from holitom_cli.cli.report import (
         answer_record,
         stderr_console,
@@ -207,7 +216,8 @@ def batch_command(
     if questions_file is not None:
         asked += batchio.read_questions(questions_file)
     items = collect_items(input_path, recursive, asked)
-    batchio.ResultStore.check_writable(output)
+    inputs = [input_path, *([questions_file] if questions_file is not None else [])]
+    inputs += list(dict.fromkeys(item.video for item in items))
 
     settings = {
         "model": model,
@@ -221,19 +231,24 @@ def batch_command(
     }
     digest = batchio.settings_hash(settings)
     console = stderr_console()
+    out_name = escape(batchio.path_text(output))
     store = batchio.ResultStore(output)
-    state = store.open(retry_errors=True)
-    if state.dropped_lines and not quiet:
-        console.print(
-            f"[yellow]Removed {state.dropped_lines} incomplete line(s) from {output}; redoing them.[/yellow]"
-        )
+    state = store.open(retry_errors=True, inputs=inputs)  # refused or locked: raises, file untouched
+    if not quiet:
+        if state.dropped_lines:
+            console.print(f"[yellow]Cut off the incomplete last line of {out_name}; redoing it.[/yellow]")
+        if state.invalid_lines:
+            console.print(
+                f"[yellow]{state.invalid_lines} damaged line(s) in {out_name} left as they are and "
+                "ignored.[/yellow]"
+            )
     done = store.done_keys()
     pending = [item for item in items if batchio.item_key(item, digest) not in done]
     skipped = len(items) - len(pending)
     if not pending:
         store.close()
         if not quiet:
-            console.print(f"Nothing to do: all {len(items)} item(s) are already in {output}.")
+            console.print(f"Nothing to do: all {len(items)} item(s) are already in {out_name}.")
         return
 
     # Group by video, keeping the input order: each video is prepared once for all its questions.
@@ -257,7 +272,7 @@ def batch_command(
     flag = _StopFlag(console)
 
     def error_record(item: Any, message: str, prepared: Any = None) -> dict:
-        return {
+        record = {
             "schema_version": 1,
             "question": item.question,
             "answer": None,
@@ -265,10 +280,12 @@ def batch_command(
             "model": {"name": model},
             "config": cfg.to_dict() if cfg is not None else None,
             "generation": generation.to_dict(),
-            "video": video_record(prepared if prepared is not None else str(item.video)),
+            "video": video_record(prepared if prepared is not None else batchio.path_text(item.video)),
             "versions": versions(),
             "settings_hash": digest,
         }
+        record["video"]["path"] = batchio.path_text(item.video)
+        return record
 
     def describe(exc: BaseException) -> str:
         if debug_enabled():
@@ -282,7 +299,7 @@ def batch_command(
             if not quiet:
                 console.print(
                     f"{len(pending)} item(s) to answer over {len(groups)} video(s)"
-                    + (f", {skipped} already in {output}" if skipped else "")
+                    + (f", {skipped} already in {out_name}" if skipped else "")
                 )
             pipe = load_pipeline(
                 console,
@@ -313,12 +330,13 @@ def batch_command(
                 for path, group in groups.items():
                     if flag.requested:
                         break
-                    progress.update(task, description=path.name)
+                    label = batchio.path_text(path.name)
+                    progress.update(task, description=escape(label))
                     try:
                         prepared = pipe.prepare_video(path, sampling)
                     except Exception as exc:
                         message = describe(exc)
-                        failures.append(f"{path.name}: {message}")
+                        failures.append(f"{label}: {message}")
                         for item in group:
                             store.append(error_record(item, message))
                             failed += 1
@@ -334,13 +352,13 @@ def batch_command(
                             if compare_baseline:
                                 baseline = pipe.ask(prepared, item.question, None, generation)
                             record = answer_record(item.question, answer, prepared, baseline)
-                            record["video"]["path"] = str(item.video)
+                            record["video"]["path"] = batchio.path_text(item.video)
                             record["error"] = None
                             record["settings_hash"] = digest
                             answered += 1
                         except Exception as exc:
                             record = error_record(item, describe(exc), prepared)
-                            failures.append(f"{path.name} ({item.question!r}): {record['error']}")
+                            failures.append(f"{label} ({item.question!r}): {record['error']}")
                             failed += 1
                         store.append(record)
                         progress.update(task, advance=1, failed=failed)
@@ -354,14 +372,21 @@ def batch_command(
         summary = f"{answered} answered, {failed} failed"
         if skipped:
             summary += f", {skipped} skipped (already done)"
-        console.print(f"{summary} -> {output}")
+        console.print(f"{summary} -> {out_name}")
         for line in failures[:10]:
-            console.print(f"  [red]failed[/red] {escape(line)}", highlight=False)
+            console.print(f"  [red]failed[/red] {escape(batchio.path_text(line))}", highlight=False)
         if len(failures) > 10:
-            console.print(f"  ... and {len(failures) - 10} more (see the 'error' field in {output})")
+            console.print(f"  ... and {len(failures) - 10} more (see the 'error' field in {out_name})")
     if remaining:
         if not quiet:
             console.print(f"Stopped with {remaining} item(s) left; run the same command again to continue.")
         raise typer.Exit(130)
     if failed:
+        # Always said, even with --quiet: an exit code alone does not tell what went wrong or where to look.
+        print_error(
+            f"{failed} of {answered + failed} item(s) failed; their lines in "
+            f"{batchio.path_text(output)} have the reason in the 'error' field",
+            "Fix those videos or questions and run the same command again: answered items are skipped, "
+            "failed ones are retried.",
+        )
         raise typer.Exit(1)
