@@ -17,6 +17,10 @@ from holitom_cli.models.loading import (
     resolve_device,
     resolve_dtype,
 )
+from holitom_cli.models.noise import quiet_library_noise
+
+# Before any library that logs noise is imported (bitsandbytes logs at import time): see models/noise.py.
+quiet_library_noise()
 
 __all__ = [
     "FAMILIES",

@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import math
 import time
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,6 +23,7 @@ import torch
 from holitom_cli.errors import ConfigError, ModelError
 from holitom_cli.models.compat import check_transformers_version, output_cache, video_features
 from holitom_cli.models.loading import VideoLanguageModel
+from holitom_cli.models.noise import quiet_library_noise
 from holitom_cli.models.random_model import QWEN_CHAT_TEMPLATE
 from holitom_cli.models.vision_attention import ReceivedAttention
 
@@ -470,6 +470,7 @@ def load(
     from transformers import AutoTokenizer, LlavaOnevisionForConditionalGeneration
 
     check_transformers_version()
+    quiet_library_noise()
     kwargs: dict[str, Any] = {"dtype": dtype, "attn_implementation": "sdpa"}
     if quantization is not None:
         kwargs["quantization_config"] = quantization
@@ -485,6 +486,4 @@ def load(
             hint="the download may be incomplete: run `holitom download` again, or check the folder",
         ) from exc
     model.eval()
-    if quantize == "8bit":  # bitsandbytes warns on every int8 matmul that it casts activations to fp16
-        warnings.filterwarnings("ignore", message="MatMul8bitLt: inputs will be cast")
     return LlavaOneVision(model, tokenizer, Path(path), name or str(path), quantize)

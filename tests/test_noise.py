@@ -1,0 +1,36 @@
+"""Library noise is dropped at its source logger; other messages of the same libraries still get through."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+
+import holitom_cli.models  # noqa: F401  (importing the package installs the filters)
+from holitom_cli.models.noise import NOISE
+
+
+@pytest.mark.parametrize(("name", "prefix"), [(name, prefix) for name, prefix, _ in NOISE])
+def test_known_noise_is_dropped_and_real_warnings_pass(caplog, name, prefix) -> None:
+    logger = logging.getLogger(name)
+    with caplog.at_level(logging.INFO):
+        logger.warning(prefix + " from %s to %s", "a", "b")
+        logger.warning("a real problem: %s", "disk on fire")
+    messages = [r.getMessage() for r in caplog.records if r.name == name]
+    assert messages == ["a real problem: disk on fire"]
+
+
+def test_int8_answer_on_cpu_logs_no_per_call_lines(caplog, tiny_model_dir) -> None:
+    """A real 8-bit model answering on CPU: before the filter, bitsandbytes logged a line per int8 matmul."""
+    pytest.importorskip("bitsandbytes", reason="the 'quant' extra (bitsandbytes) is not installed")
+    import torch
+
+    from holitom_cli.models import load_model
+
+    vlm = load_model(str(tiny_model_dir), device="cpu", dtype="bfloat16", quantize="8bit")
+    ids, _ = vlm.build_prompt("what happens?", 3)
+    embeds = torch.randn(3, vlm.language_dims()["hidden_size"])
+    with caplog.at_level(logging.DEBUG):
+        result = vlm.generate(ids, embeds, max_new_tokens=4)
+    assert result.prompt_tokens == ids.shape[1]
+    assert not [r for r in caplog.records if "MatMul8bitLt" in r.getMessage()]
