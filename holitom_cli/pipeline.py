@@ -81,6 +81,9 @@ class GenerationOptions:
         p = self.top_p
         if p is not None and (isinstance(p, bool) or not isinstance(p, int | float) or not 0 < p <= 1):
             raise ConfigError(f"top_p must be a number in (0, 1], got {p!r}", hint="e.g. --top-p 0.9")
+        seed = self.seed
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
+            raise ConfigError(f"seed must be an integer >= 0, got {seed!r}", hint="e.g. --seed 1234")
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -143,6 +146,24 @@ def check_question(question: Any) -> str:
     return question
 
 
+def context_length(model: Any) -> int | None:
+    """The language model's context (``text_config.max_position_embeddings``), or None when unknown."""
+    config = getattr(model, "config", None)
+    text = getattr(config, "text_config", None) or config
+    value = getattr(text, "max_position_embeddings", None)
+    return int(value) if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
+
+
+def _context_error(prompt_tokens: int, visual: int | None, max_new_tokens: int, context: int) -> ConfigError:
+    video = f" ({visual:,} of them visual)" if visual is not None else ""
+    return ConfigError(
+        f"the prompt needs {prompt_tokens:,} tokens{video} plus --max-new-tokens {max_new_tokens:,}, "
+        f"more than the model's context of {context:,} tokens",
+        hint="use fewer frames (--frames), a stronger preset (-p fastest), a shorter question, "
+        "or a smaller --max-new-tokens",
+    )
+
+
 def _outer_key(cfg: Any) -> tuple:
     return (cfg.retain_ratio, cfg.tau, cfg.beta, cfg.dpc_k, cfg.max_window)
 
@@ -198,6 +219,8 @@ class Pipeline:
             clip = load_video(
                 video, num_frames=sampling.frames or 32, fps=sampling.fps, max_frames=sampling.max_frames
             )
+        if on_progress is not None:  # the frame count is known once decoded: "0/T" before the vision tower
+            on_progress(0, int(clip.frames.shape[0]))
         device = self.model.device
         if getattr(device, "type", None) == "cuda":
             import torch
@@ -243,6 +266,23 @@ class Pipeline:
 
     # ------------------------------------------------------------------------------------------- questions
 
+    @property
+    def context_length(self) -> int | None:
+        """Tokens the language model can attend to (prompt + answer), or None when the config does not say."""
+        return context_length(self.model)
+
+    def check_question(self, question: str, options: GenerationOptions | None = None) -> int:
+        """Cheap check before any video work: the question's prompt (one visual token) plus the answer must
+        fit the context. Returns the prompt's text tokens; raises ConfigError otherwise."""
+        check_question(question)
+        options = options or GenerationOptions()
+        input_ids, _ = self.model.build_prompt(question, 1)
+        text_tokens = int(input_ids.shape[-1]) - 1
+        context = self.context_length
+        if context is not None and text_tokens + 1 + options.max_new_tokens > context:
+            raise _context_error(text_tokens + 1, None, options.max_new_tokens, context)
+        return text_tokens
+
     def ask(
         self,
         video: PreparedVideo,
@@ -263,7 +303,6 @@ class Pipeline:
             raise ConfigError(
                 "this video was prepared with another model", hint="call prepare_video with this pipeline"
             )
-        start = time.perf_counter()
         frames, per_frame = video.num_frames, video.tokens_per_frame
         compression, compress_s, compress_reused, inner_layer = None, 0.0, False, None
         if cfg is None:
@@ -279,6 +318,11 @@ class Pipeline:
         llm_start = time.perf_counter()
         embeds = torch.cat([visual.to(video.newline.dtype), video.newline[None]])  # (M + 1, C)
         input_ids, visual_start = self.model.build_prompt(question, int(embeds.shape[0]))
+        context = self.context_length
+        if context is not None and int(input_ids.shape[-1]) + options.max_new_tokens > context:
+            raise _context_error(
+                int(input_ids.shape[-1]), int(embeds.shape[0]), options.max_new_tokens, context
+            )
         if options.seed is not None:
             torch.manual_seed(options.seed)
         result = self.model.generate(
@@ -300,7 +344,9 @@ class Pipeline:
             before = st.visual_before if st is not None else into_llm
             after = st.visual_after if st is not None else into_llm
             kv = list(st.kv_lengths) if st is not None and st.kv_lengths is not None else None
-            inner = InnerStats(inner_layer, float(cfg.inner_prune_ratio), before, after, kv)
+            inner = InnerStats(
+                inner_layer, float(cfg.inner_prune_ratio), before, after, kv, int(self.model.num_layers)
+            )
         prompt_without_video = result.prompt_tokens - into_llm
         tokens = TokenStats(
             input=frames * per_frame,
@@ -309,15 +355,22 @@ class Pipeline:
             after_inner=inner.visual_after if inner is not None else into_llm,
         )
         flops = self._flops(video, prompt_without_video, tokens, inner, cfg, compression)
-        llm_to_first_token = (result.started_at - llm_start) + result.prefill_s
+        # Every part is a measured span; ttft and total are their sums (docs/pipeline.md), so
+        # total_s = decode_video_s + ttft_s + generation_s >= ttft_s always, for a reused video too.
+        prompt_s = result.started_at - llm_start  # embeddings, prompt tokens, context check
+        first_token_at = result.started_at + result.prefill_s
+        generation_s = max(end - first_token_at, 0.0)  # the rest of the answer, after the first token
+        ttft_s = video.vision_s + compress_s + prompt_s + result.prefill_s
         timings = TimingStats(
             decode_video_s=video.decode_s,
             vision_s=video.vision_s,
             compress_s=compress_s,
+            prompt_s=prompt_s,
             prefill_s=result.prefill_s,
-            ttft_s=video.vision_s + compress_s + llm_to_first_token,
+            ttft_s=ttft_s,
+            generation_s=generation_s,
             decode_tokens_per_s=result.decode_tokens_per_s,
-            total_s=end - start,
+            total_s=video.decode_s + ttft_s + generation_s,
         )
         stats = AnswerStats(
             tokens=tokens,

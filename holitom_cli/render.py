@@ -16,7 +16,8 @@ resized to the square the vision tower sees) with the ``grid x grid`` token grid
 
 A timeline strip across the top shows the segments as coloured spans with frame numbers; the footer
 holds the caller's caption, a token-count line computed from the result, and a legend.
-:func:`render_merge_gif` draws one large tile per frame for an animated GIF.
+:func:`render_merge_gif` draws one picture per frame for an animated GIF, its tile as wide as the canvas
+(:func:`gif_layout`).
 """
 
 from __future__ import annotations
@@ -69,6 +70,7 @@ BAR_H = 20
 MAX_COLUMNS = 8
 MIN_WIDTH = 760
 DEFAULT_TILE = 160  # target tile size in pixels, rounded to a multiple of grid
+MIN_GIF_TILE = 320  # smallest tile of a GIF picture (the tile spans the canvas)
 FONT_SIZE = 12
 
 
@@ -138,6 +140,20 @@ def merge_map_layout(num_tiles: int, grid: int = 14, tile: int | None = None) ->
     columns = min(num_tiles, MAX_COLUMNS)
     width = max(MIN_WIDTH, 2 * MARGIN + columns * (grid * cell + GAP) - GAP)
     return MergeMapLayout(num_tiles=num_tiles, grid=grid, cell=cell, columns=columns, width=width)
+
+
+def gif_layout(grid: int = 14, tile: int | None = None) -> MergeMapLayout:
+    """Layout of one GIF picture: a single tile that spans the whole content width of the canvas.
+
+    ``tile`` None fills a :data:`MIN_WIDTH` canvas; a given ``tile`` is rounded down to a multiple of ``grid``
+    (at least :data:`MIN_GIF_TILE` pixels, so the timeline and the caption stay readable), and the canvas
+    is as wide as the tile plus the margins.
+    """
+    if grid < 1:
+        raise ValueError(f"need a grid >= 1, got {grid}")
+    cell = (tile if tile is not None else MIN_WIDTH - 2 * MARGIN) // grid
+    cell = max(2, cell, math.ceil(MIN_GIF_TILE / grid))
+    return MergeMapLayout(num_tiles=1, grid=grid, cell=cell, columns=1, width=2 * MARGIN + grid * cell)
 
 
 def cell_box(
@@ -223,7 +239,8 @@ def counts_line(result: Any, num_frames: int, grid: int) -> str:
     merged_segments = sum(1 for s, e in result.segments if e > s)
     line = (
         f"tokens: {n_in} in -> {after_temporal} after temporal merging "
-        f"({n_in - after_temporal} folded, {merged_segments} multi-frame segments) -> {n_out} to the LLM "
+        f"({n_in - after_temporal} folded, {_plural(merged_segments, 'multi-frame segment')}) -> "
+        f"{n_out} to the LLM "
         f"({n_out / max(n_in, 1):.1%}: {n_static} static centres + {n_out - n_static} per-frame)"
     )
     ratio = getattr(result, "effective_ratio", None)
@@ -409,7 +426,10 @@ def _compose(
             cx, cy = cx0 + lay.cell // 2, cy0 + lay.cell // 2
             draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=CENTRE_COLOUR, outline=CENTRE_RING)
         draw.rectangle([x0, y1 + 1, x1 - 1, y1 + 3], fill=colour)  # segment strip under the tile
-        draw.text((x0, y1 + 6), f"#{t}  {float(timestamps[t]):.2f} s", fill=TEXT_COLOUR, font=font)
+        label = f"#{t}  {float(timestamps[t]):.2f} s"
+        if highlight is not None:  # GIF: one frame per picture, say which
+            label += f"  ·  frame {t + 1} of {frames.shape[0]}"
+        draw.text((x0, y1 + 6), label, fill=TEXT_COLOUR, font=font)
     _draw_footer(img, lay.tiles_bottom + 14, footer, lay)
     return img
 
@@ -452,13 +472,14 @@ def render_merge_gif(
     caption: str = "",
     tile: int | None = None,
 ) -> list[Image.Image]:
-    """One picture per sampled frame (a single large tile, current frame marked on the timeline).
+    """One picture per sampled frame: its tile across the whole canvas width, under the timeline (current
+    frame marked) and over the caption.
 
-    Same arguments as :func:`render_merge_map`; ``tile`` defaults to twice the contact-sheet size.
-    In every picture the tile is at ``merge_map_layout(1, grid, tile)`` position 0.
+    Same arguments as :func:`render_merge_map`; ``tile`` defaults to filling a :data:`MIN_WIDTH` canvas.
+    In every picture the tile is at ``gif_layout(grid, tile)`` position 0.
     """
     arr, grid, cs = _prepare(frames, timestamps, result, grid)
-    lay = merge_map_layout(1, grid, tile if tile is not None else 2 * merge_map_layout(1, grid).tile)
+    lay = gif_layout(grid, tile)
     footer = _footer_lines(caption, result, arr.shape[0], grid, lay)
     return [_compose(arr, timestamps, cs, [t], lay, footer, highlight=t) for t in range(arr.shape[0])]
 

@@ -62,20 +62,24 @@ class FlopStats:
 
 @dataclass(frozen=True)
 class TimingStats:
-    """Wall times in seconds.
+    """Wall times in seconds; every part is measured, ``ttft_s`` and ``total_s`` are sums of parts.
 
     decode_video_s: OpenCV decoding and sampling; vision_s: preprocessing + vision tower + projector + pooling
-    + attention score; compress_s: HoliTom's outer stage (0 without it); prefill_s: generate() call to the
-    first new token; ttft_s: vision_s + compress_s + prompt building + prefill_s (for a reused video the
-    stored vision and compression times are counted, so TTFT stays comparable); decode_tokens_per_s: (new
-    tokens - 1) / time from the first to the last new token (None with fewer than 2 tokens).
+    + attention score; compress_s: HoliTom's outer stage (0 without it); prompt_s: visual embeddings, prompt
+    tokens and the context check; prefill_s: generate() call to the first new token; generation_s: first new
+    token to the end of generation. ttft_s = vision_s + compress_s + prompt_s + prefill_s (for a reused video
+    the stored vision and compression times are counted, so TTFT stays comparable); total_s = decode_video_s
+    + ttft_s + generation_s (so total_s >= ttft_s); decode_tokens_per_s: (new tokens - 1) / time from the
+    first to the last new token (None with fewer than 2 tokens).
     """
 
     decode_video_s: float
     vision_s: float
     compress_s: float
+    prompt_s: float
     prefill_s: float
     ttft_s: float
+    generation_s: float
     decode_tokens_per_s: float | None
     total_s: float
 
@@ -85,13 +89,15 @@ class TimingStats:
 
 @dataclass(frozen=True)
 class InnerStats:
-    """The inner stage of one answer: layer K, prune ratio, visual tokens before/after, KV lengths."""
+    """The inner stage of one answer: layer K (of ``num_layers``), prune ratio, visual tokens before/after,
+    KV lengths."""
 
     layer: int
     prune_ratio: float
     visual_before: int
     visual_after: int
     kv_lengths: list[int] | None
+    num_layers: int | None = None  # decoder layers of the language model ("layer 18 of 28")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -271,7 +271,7 @@ def test_errors_before_the_model_loads(tmp_path, sample_video, monkeypatch):
         _run(["ask", sample_video, "q", "--no-compress", "--compare-baseline"]), "needs compression"
     )
     _assert_user_error(_run(["ask", sample_video, "q", "--explain", tmp_path / "map.jpg"]), "merge map")
-    _assert_user_error(_run(["ask", sample_video, "q", "-v", "-q"]), "--verbose and --quiet")
+    _assert_user_error(_run(["ask", sample_video, "q", "-v", "--quiet"]), "--verbose and --quiet")
     _assert_user_error(_run(["ask", sample_video, "   "]), "question is empty")
     _assert_user_error(
         _run(["batch", sample_video, "-q", "x", "-o", tmp_path / "no" / "o.jsonl"]), "does not exist"

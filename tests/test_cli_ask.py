@@ -116,22 +116,27 @@ def test_no_compress_runs_the_full_model(tiny_model_dir, video, expected):
 
 
 def test_compare_baseline_json(tiny_model_dir, video, expected):
-    record = _json(ask(tiny_model_dir, video, "--json", "--compare-baseline"))
+    record = _json(ask(tiny_model_dir, video, "--json", "--compare-baseline", "--repeats", "1"))
     assert record["answer"] == expected["balanced"]
     base = record["baseline"]
     assert base["answer"] == expected["none"]
     assert base["tokens"]["into_llm"] == FRAMES * TOKENS_PER_FRAME + 1
     up = record["speedup"]
+    # one run each: the median of one pair is that pair's ratio, and the spread is that one value
+    assert up["repeats"] == 1
     assert up["ttft"] == pytest.approx(base["timings"]["ttft_s"] / record["timings"]["ttft_s"])
+    assert up["spread"]["ttft"] == [pytest.approx(up["ttft"])] * 2
     assert up["prefill_flops"] == pytest.approx(base["flops"]["holitom"] / record["flops"]["holitom"])
     assert up["prefill_flops"] > 1
 
 
 def test_compare_baseline_shows_both_answers_and_a_table(tiny_model_dir, video, expected):
-    result = ask(tiny_model_dir, video, "--compare-baseline")
+    result = ask(tiny_model_dir, video, "--compare-baseline", "--repeats", "2")
     assert result.exit_code == 0, result.stderr
-    assert result.stdout == expected["balanced"] + "\n\n" + expected["none"] + "\n"
+    # the full model runs first in each interleaved pair; the first answer of each side is streamed
+    assert result.stdout == expected["none"] + "\n\n" + expected["balanced"] + "\n"
     assert "Full model vs HoliTom" in result.stderr and "time to first token" in result.stderr
+    assert "median of 2 interleaved runs" in result.stderr
 
 
 def test_compression_and_frame_options_reach_the_pipeline(tiny_model_dir, video):
@@ -158,7 +163,7 @@ def test_explain_writes_a_merge_map(tiny_model_dir, video, tmp_path):
 
 
 def test_quiet_prints_no_report(tiny_model_dir, video, expected):
-    result = ask(tiny_model_dir, video, "-q")
+    result = ask(tiny_model_dir, video, "--quiet")
     assert result.exit_code == 0
     assert result.stdout == expected["balanced"] + "\n"
     assert "Visual tokens" not in result.stderr and "Loading" not in result.stderr

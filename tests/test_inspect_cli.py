@@ -142,7 +142,7 @@ def test_no_compress_and_single_frame(tiny_model_dir, split_video, make_video, t
 
     single = make_video(frames=1, size=(96, 64), pattern="static")
     out = tmp_path / "one.png"
-    res = run(single, "-o", out, "-m", tiny_model_dir, "--retain-ratio", "0.25", "--device", "cpu", "-q")
+    res = run(single, "-o", out, "-m", tiny_model_dir, "--retain-ratio", "0.25", "--device", "cpu", "--quiet")
     assert res.exit_code == 0, res.output
     img = Image.open(out)
     lay = render.merge_map_layout(1, grid)
@@ -156,7 +156,7 @@ def test_no_compress_and_single_frame(tiny_model_dir, split_video, make_video, t
         assert pixel(img, (x0 + lay.cell // 2, y0 + lay.cell // 2)) != render.CENTRE_COLOUR
 
     out = tmp_path / "one-all.png"
-    res = run(single, "-o", out, "-m", tiny_model_dir, "--retain-ratio", "1", "--device", "cpu", "-q")
+    res = run(single, "-o", out, "-m", tiny_model_dir, "--retain-ratio", "1", "--device", "cpu", "--quiet")
     assert res.exit_code == 0, res.output
     img = Image.open(out)
     assert all(is_kept(img, lay, 0, p) for p in range(grid * grid))
@@ -164,7 +164,7 @@ def test_no_compress_and_single_frame(tiny_model_dir, split_video, make_video, t
 
 def test_gif_has_one_picture_per_frame(tiny_model_dir, split_video, tmp_path):
     out = tmp_path / "map.gif"
-    res = run(split_video, "-o", out, "--gif", "-m", tiny_model_dir, "--frames", 4, "--device", "cpu", "-q")
+    res = run(split_video, "-o", out, "--gif", "-m", tiny_model_dir, "--frames", 4, "--quiet")
     assert res.exit_code == 0, res.output
     with Image.open(out) as im:
         assert im.format == "GIF" and im.n_frames == 4

@@ -195,6 +195,7 @@ def test_streaming_and_stats_schema(pipe, video):
     assert {"peak_memory_bytes", "kv_cache_bytes", "new_tokens", "prompt_tokens"} <= set(d)
     t = d["timings"]
     assert t["ttft_s"] >= t["vision_s"] + t["compress_s"] + t["prefill_s"] > 0
+    assert t["total_s"] >= t["ttft_s"] + t["decode_video_s"]
     assert d["peak_memory_bytes"] > 10_000_000 and d["kv_cache_bytes"] > 0
     import json
 
@@ -223,6 +224,9 @@ def test_empty_question(pipe, video, question):
         lambda: GenerationOptions(max_new_tokens=0),
         lambda: GenerationOptions(temperature=-0.1),
         lambda: GenerationOptions(top_p=1.5),
+        lambda: GenerationOptions(top_p=0.0),
+        lambda: GenerationOptions(seed=-1),
+        lambda: GenerationOptions(seed=1.5),
     ],
 )
 def test_invalid_options(make):

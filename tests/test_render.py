@@ -193,6 +193,7 @@ def test_counts_line_reports_each_stage():
     assert f"{T * 16} in -> {T * 16 - 8} after temporal merging" in line
     assert f"-> {n_out} to the LLM" in line
     assert "2 static centres" in line
+    assert "1 multi-frame segment)" in line  # one segment spans several frames: singular
 
 
 def test_bad_inputs_are_rejected():
@@ -217,7 +218,7 @@ def test_save_png_and_gif(tmp_path):
     with Image.open(gif) as im:
         assert im.format == "GIF" and im.n_frames == T
     pics = render.render_merge_gif(flat_frames(), ts, hand_result())
-    lay = render.merge_map_layout(1, GRID, 2 * render.merge_map_layout(1, GRID).tile)
+    lay = render.gif_layout(GRID)
     # picture t shows frame t: cell 0 is merged (shaded) on frame 0, folded on 1-2, kept on 3
     x, y = interior(lay.cell_box(0, 0))
     assert px(pics[1], (x, y)) == px(pics[2], (x, y)) == tuple(round(b * render.FOLD_DIM) for b in BASE)

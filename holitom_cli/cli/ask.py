@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import sys
 
-from holitom_cli.cli.common import check_video_path, load_pipeline, prepare_with_progress
+import typer
+
+from holitom_cli.cli.common import check_video_path, load_pipeline
 from holitom_cli.cli.options import (
     DEFAULT_MAX_NEW_TOKENS,
     DEFAULT_MODEL,
+    DEFAULT_REPEATS,
+    AskQuestionOpt,
     CompareBaselineOpt,
     DeviceOpt,
     DtypeOpt,
@@ -27,20 +31,39 @@ from holitom_cli.cli.options import (
     QuantizeOpt,
     QuestionArg,
     QuietOpt,
+    RepeatsOpt,
     RetainRatioOpt,
     RevisionOpt,
+    SeedOpt,
     TauOpt,
     TemperatureOpt,
+    TopPOpt,
     VerboseOpt,
     VideoArg,
+    generation_options,
 )
 from holitom_cli.cli.settings import build_config, sampling_options
 from holitom_cli.errors import ConfigError
 
 
+def one_question(positional: str | None, option: str | None) -> str:
+    """The question, given either as the QUESTION argument or with -q/--question (a usage error otherwise)."""
+    if positional is not None and option is not None:
+        raise typer.BadParameter(
+            "give the question once: as the QUESTION argument or with -q/--question, not both",
+            param_hint="QUESTION / -q",
+        )
+    if positional is None and option is None:
+        raise typer.BadParameter(
+            "a question is needed (QUESTION argument or -q/--question)", param_hint="QUESTION"
+        )
+    return positional if positional is not None else option
+
+
 def ask_command(
     video: VideoArg,
-    question: QuestionArg,
+    question: QuestionArg = None,
+    question_opt: AskQuestionOpt = None,
     model: ModelOpt = DEFAULT_MODEL,
     revision: RevisionOpt = None,
     device: DeviceOpt = "auto",
@@ -55,11 +78,14 @@ def ask_command(
     no_inner: NoInnerOpt = False,
     no_compress: NoCompressOpt = False,
     compare_baseline: CompareBaselineOpt = False,
+    repeats: RepeatsOpt = DEFAULT_REPEATS,
     frames: FramesOpt = None,
     fps: FpsOpt = None,
     max_frames: MaxFramesOpt = None,
     max_new_tokens: MaxNewTokensOpt = DEFAULT_MAX_NEW_TOKENS,
     temperature: TemperatureOpt = 0.0,
+    top_p: TopPOpt = None,
+    seed: SeedOpt = None,
     as_json: JsonOpt = False,
     explain: ExplainOpt = None,
     verbose: VerboseOpt = False,
@@ -73,6 +99,7 @@ def ask_command(
     Example: holitom ask assets/sample.mp4 "What does the red circle do?"
     """
     # Everything that can be checked without the model is checked first, so mistakes fail in a second.
+    question = one_question(question, question_opt)
     if verbose and quiet:
         raise ConfigError("--verbose and --quiet cannot be used together", hint="Pick one.")
     cfg = build_config(preset, retain_ratio, tau, inner_layer, inner_prune_ratio, no_inner, no_compress)
@@ -82,11 +109,11 @@ def ask_command(
             hint="Drop --no-compress: the comparison runs the full model anyway.",
         )
     sampling = sampling_options(frames, fps, max_frames)
-    from holitom_cli.pipeline import GenerationOptions, check_question
+    from holitom_cli.pipeline import check_question
 
     check_question(question)
 
-    generation = GenerationOptions(max_new_tokens=max_new_tokens, temperature=temperature)
+    generation = generation_options(max_new_tokens, temperature, top_p, seed)
     check_video_path(video)
     gif = explain is not None and explain.suffix.lower() == ".gif"
     if explain is not None:
@@ -95,15 +122,17 @@ def ask_command(
         check_output_path(explain, gif=gif)
 
     from holitom_cli.cli.report import (
+        Spinner,
         answer_record,
+        prepare_with_progress,
         print_comparison,
         print_report,
         stderr_console,
-        warm_up,
     )
 
     console = stderr_console()
     show = not quiet
+    interactive = show and not as_json  # the spinners: only with the Rich report (and a terminal)
     pipe = load_pipeline(
         console,
         show,
@@ -114,25 +143,24 @@ def ask_command(
         quantize=quantize,
         offline=offline,
     )
+    if cfg is not None:  # settings that cannot fit this model fail before the video work
+        cfg.resolve_inner_layer(pipe.model.num_layers)
+    pipe.check_question(question, generation)  # the question alone must leave room in the context
     prepared = prepare_with_progress(pipe, video, sampling, console if show else None)
 
-    if compare_baseline:
-        warm_up(pipe, prepared, question, cfg)
     stream = None if as_json else _stdout_writer()
-    if compare_baseline and stream is not None and show:
-        console.print("[bold]HoliTom[/bold]")
-    answer = pipe.ask(prepared, question, cfg, generation, on_text=stream)
-    if stream is not None:
-        stream("\n")
-    baseline = None
+    runs = None
     if compare_baseline:
-        if stream is not None:
-            stream("\n")  # a blank line between the two answers
-            if show:
-                console.print("[bold]Full model (no compression)[/bold]")
-        baseline = pipe.ask(prepared, question, None, generation, on_text=stream)
+        runs = _compare(
+            console, interactive, show, stream, pipe, prepared, question, cfg, generation, repeats
+        )
+        answer, baseline = runs.holitom[0], runs.baseline[0]
+    else:
+        with Spinner(console, "Prefilling ...", enabled=interactive) as spinner:
+            answer = pipe.ask(prepared, question, cfg, generation, on_text=spinner.until_first(stream))
         if stream is not None:
             stream("\n")
+        baseline = None
 
     merge_map = None
     if explain is not None:
@@ -153,7 +181,7 @@ def ask_command(
         )
         merge_map = str(saved)
 
-    record = answer_record(question, answer, prepared, baseline, merge_map)
+    record = answer_record(question, answer, prepared, baseline, merge_map, preset=preset, runs=runs)
     if as_json:
         from holitom_cli.batchio import dumps_line
 
@@ -168,6 +196,45 @@ def ask_command(
             console.print(f"Merge map written to {merge_map}")
     elif show and merge_map is not None:
         console.print(f"Merge map written to {merge_map}")
+
+
+def _compare(console, interactive, show, stream, pipe, prepared, question, cfg, generation, repeats):
+    """--compare-baseline: warm-up, then full model / HoliTom interleaved ``repeats`` times.
+
+    The first answer of each side streams to stdout (a blank line between them, labels on stderr); a spinner
+    on stderr covers the warm-up, each prefill until its first token, and the silent timing repeats.
+    """
+    from holitom_cli.cli.report import Spinner, compare_with_baseline
+
+    labels = {"baseline": "Full model (no compression)", "holitom": "HoliTom"}
+    state = {"spinner": Spinner(console, "Warming up ...", enabled=interactive).__enter__()}
+
+    def on_run(index: int, kind: str) -> None:
+        state["spinner"].stop()
+        if index == 0:
+            if stream is not None and kind == "holitom":
+                stream("\n\n")  # end the first answer, then a blank line
+            if stream is not None and show:
+                console.print(f"[bold]{labels[kind]}[/bold]")
+            text = f"Prefilling ({labels[kind]}) ..."
+        else:
+            text = f"Timing run {index + 1} of {repeats}: {labels[kind]} ..."
+        state["spinner"] = Spinner(console, text, enabled=interactive).__enter__()
+
+    def on_text(kind: str, piece: str) -> None:
+        state["spinner"].stop()
+        if stream is not None:
+            stream(piece)
+
+    try:
+        runs = compare_with_baseline(
+            pipe, prepared, question, cfg, generation, repeats, on_text=on_text, on_run=on_run
+        )
+    finally:
+        state["spinner"].stop()
+    if stream is not None:
+        stream("\n")
+    return runs
 
 
 _CONTROL = {c: None for c in range(32) if chr(c) not in "\n\t"} | {127: None}

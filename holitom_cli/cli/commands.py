@@ -173,14 +173,45 @@ def download_command(
 
     Prints the local folder on stdout.
     """
+    from holitom_cli.errors import ModelError
     from holitom_cli.models import download_model
 
     if Path(model).expanduser().is_dir():
         typer.echo(f"{model} is a local folder; nothing to download.", err=True)
         return
-    path = download_model(model, revision=revision)
+    try:
+        path = download_model(model, revision=revision)
+    except ModelError as exc:
+        unreachable = offline_download_error(model, exc)
+        if unreachable is None:
+            raise
+        raise unreachable from exc
     typer.echo(f"{model} is in the local cache.", err=True)
     typer.echo(str(path))
+
+
+def offline_download_error(model: str, exc: Exception) -> Exception | None:
+    """For ``download``, a hub that cannot be reached needs another hint than "download it first": say how
+    to get online (or stop forcing offline mode), or how to use a checkpoint folder instead. None when
+    ``exc`` is another kind of failure."""
+    from huggingface_hub import constants, errors
+
+    if not isinstance(exc.__cause__, errors.LocalEntryNotFoundError):
+        return None
+    from holitom_cli.errors import ModelError
+
+    folder = "or copy a checkpoint folder to this machine and pass it to holitom ask --model PATH"
+    if constants.HF_HUB_OFFLINE:
+        return ModelError(
+            f"cannot download {model}: HF_HUB_OFFLINE is set, which forbids contacting the hub",
+            hint=f"run HF_HUB_OFFLINE=0 holitom download {model} (or unset HF_HUB_OFFLINE) with internet "
+            f"access, {folder}",
+        )
+    return ModelError(
+        f"cannot download {model}: the Hugging Face hub cannot be reached",
+        hint="check the internet connection (and HTTPS_PROXY if you use a proxy), then run this command "
+        f"again, {folder}",
+    )
 
 
 def _version(dist: str) -> str | None:

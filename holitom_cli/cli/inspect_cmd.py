@@ -12,7 +12,7 @@ from typing import Annotated, Any
 
 import typer
 
-from holitom_cli.cli.common import check_video_path, load_pipeline, prepare_with_progress
+from holitom_cli.cli.common import check_video_path, load_pipeline
 from holitom_cli.cli.options import (
     DEFAULT_MODEL,
     PANEL_OUTPUT,
@@ -97,7 +97,7 @@ def inspect_command(
     check_video_path(video)
     check_output_path(output, gif=gif)
 
-    from holitom_cli.cli.report import stderr_console
+    from holitom_cli.cli.report import prepare_with_progress, stderr_console
     from holitom_cli.render import save_merge_map
 
     console = stderr_console()
@@ -133,15 +133,19 @@ def merge_map_caption(
     """First caption line of the picture: the video, the model, the settings and the FLOPs ratio."""
     if cfg is None:
         return f"{video.name}  ·  {model_name}  ·  no compression"
-    from holitom_cli.compression import DEFAULT_PRESET
+    from holitom_cli.cli.report import preset_record
 
+    named = preset_record(preset, cfg.to_dict())
+    label = f"custom (from {named['name']})" if named["custom"] else named["name"]
     layer = cfg.resolve_inner_layer(num_layers)
     inner = (
-        f"inner merge {cfg.inner_prune_ratio:.0%} at layer {layer}" if layer is not None else "no inner merge"
+        f"inner merge at layer {layer} of {num_layers}, {cfg.inner_prune_ratio:.0%}"
+        if layer is not None
+        else "inner merge off"
     )
     settings = f"retain {cfg.retain_ratio:.0%}, tau {cfg.tau:.2f}, {inner}"
     return (
-        f"{video.name}  ·  {model_name}  ·  preset {preset or DEFAULT_PRESET} ({settings})  ·  "
+        f"{video.name}  ·  {model_name}  ·  preset {label} ({settings})  ·  "
         f"LLM prefill FLOPs {flops:.1%} of the full model (paper formula)"
     )
 

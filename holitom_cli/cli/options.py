@@ -14,9 +14,12 @@ from typing import Annotated, Literal
 
 import typer
 
+from holitom_cli.limits import DEFAULT_FPS_MAX_FRAMES, MAX_FRAMES, MAX_NEW_TOKENS, MAX_QUESTION_CHARS
+
 DEFAULT_MODEL = "llava-hf/llava-onevision-qwen2-0.5b-ov-hf"
 DEFAULT_FRAMES = 32
 DEFAULT_MAX_NEW_TOKENS = 256
+DEFAULT_REPEATS = 3
 
 PANEL_MODEL = "Model"
 PANEL_COMPRESSION = "Compression"
@@ -33,7 +36,24 @@ VideoArg = Annotated[
     Path,
     typer.Argument(help="Video file to read (mp4, avi, mkv, webm, mov, ...).", show_default=False),
 ]
-QuestionArg = Annotated[str, typer.Argument(help="Question to ask about the video.", show_default=False)]
+QuestionArg = Annotated[
+    str | None,
+    typer.Argument(
+        help=f"Question to ask about the video, at most {MAX_QUESTION_CHARS:,} characters (or use -q).",
+        show_default=False,
+    ),
+]
+# ``-q`` means ``--question`` in every command (``batch`` repeats it); ``ask`` takes one, as an alternative to
+# the positional QUESTION.
+AskQuestionOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--question",
+        "-q",
+        help="The question, instead of the QUESTION argument (handy when it starts with '-').",
+        show_default=False,
+    ),
+]
 
 # ---------------------------------------------------------------- model
 
@@ -149,7 +169,17 @@ CompareBaselineOpt = Annotated[
     bool,
     typer.Option(
         "--compare-baseline",
-        help="Also answer without compression on the same frames and compare speed.",
+        help="Also answer without compression on the same frames and compare speed (see --repeats).",
+        rich_help_panel=PANEL_COMPRESSION,
+    ),
+]
+RepeatsOpt = Annotated[
+    int,
+    typer.Option(
+        "--repeats",
+        help="With --compare-baseline: runs of each side, interleaved (full model, HoliTom, ...); the "
+        "speed-ups are the median with the min-max spread.",
+        min=1,
         rich_help_panel=PANEL_COMPRESSION,
     ),
 ]
@@ -160,7 +190,7 @@ FramesOpt = Annotated[
     int | None,
     typer.Option(
         "--frames",
-        help=f"Number of frames sampled uniformly. (default: {DEFAULT_FRAMES})",
+        help=f"Number of frames sampled uniformly, at most {MAX_FRAMES}. (default: {DEFAULT_FRAMES})",
         min=1,
         rich_help_panel=PANEL_FRAMES,
         show_default=False,
@@ -170,7 +200,10 @@ FpsOpt = Annotated[
     float | None,
     typer.Option(
         "--fps",
-        help="Sample this many frames per second instead of a fixed count.",
+        help=(
+            "Sample this many frames per second instead of a fixed count "
+            f"(at most --max-frames, default {DEFAULT_FPS_MAX_FRAMES})."
+        ),
         rich_help_panel=PANEL_FRAMES,
         show_default=False,
     ),
@@ -179,7 +212,7 @@ MaxFramesOpt = Annotated[
     int | None,
     typer.Option(
         "--max-frames",
-        help="With --fps: cap on the number of frames (sampled uniformly when exceeded).",
+        help=f"With --fps: cap on the number of frames, at most {MAX_FRAMES} (resampled uniformly if over).",
         min=1,
         rich_help_panel=PANEL_FRAMES,
         show_default=False,
@@ -192,7 +225,7 @@ MaxNewTokensOpt = Annotated[
     int,
     typer.Option(
         "--max-new-tokens",
-        help="Maximum length of the answer in tokens.",
+        help=f"Maximum length of the answer in tokens, at most {MAX_NEW_TOKENS} (and the model's context).",
         min=1,
         rich_help_panel=PANEL_GENERATION,
     ),
@@ -204,6 +237,25 @@ TemperatureOpt = Annotated[
         help="Sampling temperature; 0 means greedy.",
         min=0.0,
         rich_help_panel=PANEL_GENERATION,
+    ),
+]
+TopPOpt = Annotated[
+    float | None,
+    typer.Option(
+        "--top-p",
+        help="Nucleus sampling: keep the most likely tokens up to this probability, in (0, 1]. "
+        "Needs --temperature > 0.",
+        rich_help_panel=PANEL_GENERATION,
+        show_default=False,
+    ),
+]
+SeedOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--seed",
+        help="Seed of the sampler (an integer >= 0), for reproducible answers. Needs --temperature > 0.",
+        rich_help_panel=PANEL_GENERATION,
+        show_default=False,
     ),
 ]
 
@@ -224,15 +276,12 @@ VerboseOpt = Annotated[
         rich_help_panel=PANEL_OUTPUT,
     ),
 ]
+# No short form: -q means --question in every command.
 QuietOpt = Annotated[
-    bool,
-    typer.Option("--quiet", "-q", help="No report or progress on stderr.", rich_help_panel=PANEL_OUTPUT),
-]
-# ``batch`` uses -q for --question, so its quiet switch has the long form only.
-QuietLongOpt = Annotated[
     bool,
     typer.Option("--quiet", help="No report or progress on stderr.", rich_help_panel=PANEL_OUTPUT),
 ]
+QuietLongOpt = QuietOpt  # the name batch imports
 ExplainOpt = Annotated[
     Path | None,
     typer.Option(
@@ -243,3 +292,24 @@ ExplainOpt = Annotated[
         dir_okay=False,
     ),
 ]
+
+
+def generation_options(
+    max_new_tokens: int, temperature: float, top_p: float | None = None, seed: int | None = None
+):
+    """``GenerationOptions`` from the command-line values; ConfigError (one line + hint) when out of range.
+
+    ``--top-p`` and ``--seed`` only change sampling, so they are refused with greedy decoding (temperature 0)
+    rather than silently ignored.
+    """
+    from holitom_cli.errors import ConfigError
+    from holitom_cli.pipeline import GenerationOptions
+
+    if not temperature:
+        given = [name for name, value in (("--top-p", top_p), ("--seed", seed)) if value is not None]
+        if given:
+            raise ConfigError(
+                f"{' and '.join(given)} only apply when sampling, but --temperature is 0 (greedy)",
+                hint="add --temperature, e.g. --temperature 0.7, or drop " + " and ".join(given),
+            )
+    return GenerationOptions(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)

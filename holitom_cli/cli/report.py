@@ -8,15 +8,19 @@ report shows exactly what the JSON holds.
 from __future__ import annotations
 
 import platform
+import statistics
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from functools import cache
 from importlib import metadata
 from typing import Any
 
 from rich.console import Console
 from rich.markup import escape
+from rich.progress import ProgressColumn
 from rich.table import Table
+from rich.text import Text
 
 SCHEMA_VERSION = 1
 
@@ -83,31 +87,143 @@ def warm_up(pipe: Any, prepared: Any, question: str, cfg: Any) -> None:
     pipe.ask(prepared, question, cfg, GenerationOptions(max_new_tokens=1))
 
 
-def speedups(record: dict[str, Any], baseline: dict[str, Any]) -> dict[str, float | None]:
-    """Full model / HoliTom for times and FLOPs, HoliTom / full model for decode speed (> 1 = faster)."""
-    t, b = record["timings"], baseline["timings"]
+@dataclass
+class Comparison:
+    """The runs of ``--compare-baseline``: ``baseline[i]`` ran just before ``holitom[i]``."""
+
+    holitom: list[Any] = field(default_factory=list)
+    baseline: list[Any] = field(default_factory=list)
+
+    @property
+    def repeats(self) -> int:
+        return min(len(self.holitom), len(self.baseline))
+
+
+def compare_with_baseline(
+    pipe: Any,
+    prepared: Any,
+    question: str,
+    cfg: Any,
+    generation: Any,
+    repeats: int = 3,
+    on_text: Any = None,
+    on_run: Any = None,
+    warm: bool = True,
+) -> Comparison:
+    """Answer ``repeats`` times without and with compression, interleaved (full model, HoliTom, ...).
+
+    A one-token warm-up answer runs first (``warm=False`` skips it, e.g. when it ran for an earlier item), so
+    one-time start-up costs fall on neither side. ``on_text(kind, piece)`` streams the first answer of each
+    side (``kind`` is ``"baseline"`` or ``"holitom"``); ``on_run(index, kind)`` is called before every run.
+    """
+    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
+        from holitom_cli.errors import ConfigError
+
+        raise ConfigError(f"repeats must be an integer >= 1, got {repeats!r}", hint="e.g. --repeats 3")
+    if warm:
+        warm_up(pipe, prepared, question, cfg)
+    runs = Comparison()
+    for i in range(repeats):
+        for kind, setting, answers in (("baseline", None, runs.baseline), ("holitom", cfg, runs.holitom)):
+            if on_run is not None:
+                on_run(i, kind)
+            stream = None
+            if i == 0 and on_text is not None:
+                stream = lambda piece, kind=kind: on_text(kind, piece)  # noqa: E731
+            answers.append(pipe.ask(prepared, question, setting, generation, on_text=stream))
+    return runs
+
+
+def _median(values: list[float]) -> float | None:
+    return statistics.median(values) if values else None
+
+
+def _spread(values: list[float]) -> list[float] | None:
+    return [min(values), max(values)] if values else None
+
+
+def _run_timings(answer: Any) -> dict[str, Any]:
+    t = answer.stats.to_dict()["timings"]
+    return {key: t[key] for key in ("ttft_s", "prefill_s", "decode_tokens_per_s")}
+
+
+def speedups(
+    record: dict[str, Any], baseline: dict[str, Any], runs: Comparison | None = None
+) -> dict[str, Any]:
+    """Full model / HoliTom for times and FLOPs, HoliTom / full model for decode speed (> 1 = faster).
+
+    With ``runs`` (several interleaved pairs), each ratio is the median of the per-pair ratios, with their
+    ``spread`` ``[min, max]``; without, the one pair ``record`` / ``baseline``.
+    """
+    if runs is not None and runs.repeats:
+        pairs = [
+            (_run_timings(b), _run_timings(h))
+            for b, h in zip(runs.baseline[: runs.repeats], runs.holitom[: runs.repeats], strict=True)
+        ]
+    else:
+        pick = ("ttft_s", "prefill_s", "decode_tokens_per_s")
+        pairs = [({k: baseline["timings"][k] for k in pick}, {k: record["timings"][k] for k in pick})]
+    ratios: dict[str, list[float]] = {"ttft": [], "prefill": [], "decode_tokens_per_s": []}
+    for b, h in pairs:
+        for key, value in (
+            ("ttft", _ratio(b["ttft_s"], h["ttft_s"])),
+            ("prefill", _ratio(b["prefill_s"], h["prefill_s"])),
+            ("decode_tokens_per_s", _ratio(h["decode_tokens_per_s"], b["decode_tokens_per_s"])),
+        ):
+            if value is not None:
+                ratios[key].append(value)
     return {
-        "ttft": _ratio(b["ttft_s"], t["ttft_s"]),
-        "prefill": _ratio(b["prefill_s"], t["prefill_s"]),
-        "decode_tokens_per_s": _ratio(t["decode_tokens_per_s"], b["decode_tokens_per_s"]),
+        **{key: _median(values) for key, values in ratios.items()},
         "prefill_flops": _ratio(baseline["flops"]["holitom"], record["flops"]["holitom"]),
+        "repeats": len(pairs),
+        "spread": {key: _spread(values) for key, values in ratios.items()},
+        "runs": {"baseline": [b for b, _ in pairs], "holitom": [h for _, h in pairs]},
     }
 
 
+def preset_record(preset: str | None, config: dict[str, Any] | None) -> dict[str, Any] | None:
+    """``{"name": ..., "custom": ...}``: the preset the settings start from, and whether options changed it.
+
+    ``preset`` is the name given (None: the default, or the preset the settings equal exactly); ``config`` the
+    settings in effect (``HoliTomConfig.to_dict()``), None without compression.
+    """
+    if config is None:
+        return None
+    from holitom_cli.compression import DEFAULT_PRESET, PRESETS
+
+    name = preset
+    if name is None:
+        name = next((n for n, cfg in PRESETS.items() if cfg.to_dict() == config), DEFAULT_PRESET)
+    base = PRESETS.get(name)
+    return {"name": name, "custom": base is None or base.to_dict() != config}
+
+
 def answer_record(
-    question: str, answer: Any, video: Any, baseline: Any = None, merge_map: str | None = None
+    question: str,
+    answer: Any,
+    video: Any,
+    baseline: Any = None,
+    merge_map: str | None = None,
+    *,
+    preset: str | None = None,
+    runs: Comparison | None = None,
 ) -> dict[str, Any]:
     """The JSON record of one answer (docs/json-schema.md).
 
     ``answer``/``baseline``: pipeline ``Answer`` objects (with and without compression); ``video``: the
-    ``PreparedVideo`` they were computed from.
+    ``PreparedVideo`` they were computed from; ``preset``: the ``--preset`` given (None: default);
+    ``runs``: every run of ``--compare-baseline`` (``answer``/``baseline`` default to the first of each).
     """
+    if runs is not None and runs.repeats:
+        answer = answer if answer is not None else runs.holitom[0]
+        baseline = baseline if baseline is not None else runs.baseline[0]
     stats = answer.stats.to_dict()
     record: dict[str, Any] = {
         "schema_version": SCHEMA_VERSION,
         "question": question,
         **_answer_part(answer),
         "model": stats["model"],
+        "preset": preset_record(preset, stats["holitom"]),
         "config": stats["holitom"],
         "generation": stats.get("generation"),
         "video": video_record(video),
@@ -117,7 +233,7 @@ def answer_record(
         record["merge_map"] = merge_map
     if baseline is not None:
         record["baseline"] = _answer_part(baseline)
-        record["speedup"] = speedups(record, record["baseline"])
+        record["speedup"] = speedups(record, record["baseline"], runs)
     return record
 
 
@@ -228,16 +344,48 @@ def timing_table(record: dict[str, Any]) -> Table:
     table = Table(title="Time", title_justify="left", show_edge=False)
     table.add_column("stage")
     table.add_column("time", justify="right")
-    other = t["ttft_s"] - t["vision_s"] - t["compress_s"] - t["prefill_s"]
+    prompt = t.get("prompt_s")
+    if prompt is None:
+        prompt = max(t["ttft_s"] - t["vision_s"] - t["compress_s"] - t["prefill_s"], 0.0)
     table.add_row("video decode (not in TTFT)", _fmt_s(t["decode_video_s"]))
     table.add_row("vision tower", _fmt_s(t["vision_s"]))
     table.add_row("HoliTom compression", _fmt_s(t["compress_s"]))
-    table.add_row("prompt building", _fmt_s(max(other, 0.0)))
+    table.add_row("prompt building", _fmt_s(prompt))
     table.add_row("LLM prefill", _fmt_s(t["prefill_s"]))
     table.add_row("[bold]time to first token[/bold]", f"[bold]{_fmt_s(t['ttft_s'])}[/bold]")
+    if t.get("generation_s") is not None:
+        table.add_row("rest of the answer", _fmt_s(t["generation_s"]))
+    if t.get("total_s") is not None:
+        table.add_row("total", _fmt_s(t["total_s"]))
     table.add_row("decode speed", _fmt_rate(t["decode_tokens_per_s"]))
     table.add_row("peak memory", _fmt_bytes(record.get("peak_memory_bytes")))
     return table
+
+
+def _plural(count: int, noun: str) -> str:
+    return f"{count} {noun}{'' if count == 1 else 's'}"
+
+
+def settings_line(record: dict[str, Any]) -> str:
+    """``preset balanced · retain 20%, tau 0.80 · inner merge at layer 18 of 28, 50%``, or ``no compression``.
+
+    Read from the record alone: ``preset``, ``config`` and ``inner`` (the layer actually used).
+    """
+    cfg = record.get("config")
+    if cfg is None:
+        return "no compression"
+    preset = record.get("preset") or {}
+    name = str(preset.get("name", "?"))
+    label = f"custom (from {name})" if preset.get("custom") else name
+    inner = record.get("inner")
+    if inner:
+        of = f" of {inner['num_layers']}" if inner.get("num_layers") else ""
+        inner_text = f"inner merge at layer {inner['layer']}{of}, {inner['prune_ratio']:.0%}"
+    elif cfg.get("inner"):
+        inner_text = f"inner merge {cfg.get('inner_prune_ratio', 0):.0%}"
+    else:
+        inner_text = "inner merge off"
+    return f"preset {label} · retain {cfg['retain_ratio']:.0%}, tau {cfg['tau']:.2f} · {inner_text}"
 
 
 def print_report(record: dict[str, Any], console: Console, verbose: bool = False) -> None:
@@ -248,37 +396,64 @@ def print_report(record: dict[str, Any], console: Console, verbose: bool = False
     cfg = record.get("config")
     video = record.get("video") or {}
     frames = len(video.get("frame_indices") or [])
-    if cfg is None:
-        setting = "no compression"
-    else:
-        inner = "on" if cfg["inner"] else "off"
-        setting = f"retain {cfg['retain_ratio']:.0%}, tau {cfg['tau']:.2f}, inner merge {inner}"
     where = f"{model.get('device', '?')}, {model.get('dtype', '?')}"
     name = escape(str(model.get("name", "?")))
-    console.print(f"[bold]holitom[/bold] · {name} ({escape(where)}) · {frames} frames · {setting}")
+    console.print(
+        f"[bold]holitom[/bold] · {name} ({escape(where)}) · {_plural(frames, 'frame')} · "
+        + escape(settings_line(record))
+    )
     console.print(Columns([token_table(record), timing_table(record)], padding=(0, 4)))
     console.print(flops_table(record))
     if verbose:
+        inner = record.get("inner") or {}
         settings = Table(title="Settings", title_justify="left", show_edge=False, show_header=False)
         settings.add_column()
         settings.add_column()
+        preset = record.get("preset")
+        if preset:
+            settings.add_row(
+                "preset", f"custom (from {preset['name']})" if preset["custom"] else preset["name"]
+            )
         for key, value in (cfg or {}).items():
+            if key == "inner_layer" and inner:  # show the layer used, not "None" for automatic
+                of = f" of {inner['num_layers']}" if inner.get("num_layers") else ""
+                value = f"{inner['layer']}{of}" + (" (automatic)" if value is None else "")
             settings.add_row(key, str(value))
         for key, value in (record.get("generation") or {}).items():
             settings.add_row(key, str(value))
         settings.add_row("frame indices", str(video.get("frame_indices")))
-        inner = record.get("inner") or {}
         if inner.get("kv_lengths"):
             settings.add_row("KV cache lengths", str(inner["kv_lengths"]))
         settings.add_row("KV cache", _fmt_bytes(record.get("kv_cache_bytes")))
+        settings.add_row("total time", _fmt_s((record.get("timings") or {}).get("total_s")))
         console.print(settings)
 
 
+def _median_of(runs: list[dict[str, Any]], key: str) -> float | None:
+    return _median([r[key] for r in runs if r.get(key) is not None])
+
+
+def _fmt_speedup(up: dict[str, Any], key: str) -> str:
+    text = _fmt_x(up.get(key))
+    spread = (up.get("spread") or {}).get(key)
+    if spread and (up.get("repeats") or 1) > 1:
+        text += f" ({spread[0]:.2f}-{spread[1]:.2f}x)"
+    return text
+
+
 def print_comparison(record: dict[str, Any], console: Console) -> None:
-    """Side-by-side table: full model vs HoliTom on the same frames, with speed-ups."""
+    """Side-by-side table: full model vs HoliTom on the same frames, with speed-ups.
+
+    Times are the medians over ``speedup.runs``; speed-ups the median per-pair ratio and its min-max spread.
+    """
     base = record["baseline"]
     up = record["speedup"]
-    table = Table(title="Full model vs HoliTom (same frames)", title_justify="left", show_edge=False)
+    n = up.get("repeats") or 1
+    runs = up.get("runs") or {"baseline": [base["timings"]], "holitom": [record["timings"]]}
+    title = "Full model vs HoliTom (same frames" + (
+        f"; median of {n} interleaved runs each, speed-up spread min-max)" if n > 1 else "; one run each)"
+    )
+    table = Table(title=title, title_justify="left", show_edge=False)
     table.add_column("")
     table.add_column("full model", justify="right")
     table.add_column("HoliTom", justify="right")
@@ -298,15 +473,121 @@ def print_comparison(record: dict[str, Any], console: Console) -> None:
     )
     table.add_row("vision tower", _fmt_s(bt["vision_s"]), _fmt_s(ht["vision_s"]), "")
     table.add_row("compression", _fmt_s(bt["compress_s"]), _fmt_s(ht["compress_s"]), "")
-    table.add_row("LLM prefill", _fmt_s(bt["prefill_s"]), _fmt_s(ht["prefill_s"]), _fmt_x(up["prefill"]))
-    table.add_row("time to first token", _fmt_s(bt["ttft_s"]), _fmt_s(ht["ttft_s"]), _fmt_x(up["ttft"]))
+    b_runs, h_runs = runs["baseline"], runs["holitom"]
+    table.add_row(
+        "LLM prefill",
+        _fmt_s(_median_of(b_runs, "prefill_s")),
+        _fmt_s(_median_of(h_runs, "prefill_s")),
+        _fmt_speedup(up, "prefill"),
+    )
+    table.add_row(
+        "time to first token",
+        _fmt_s(_median_of(b_runs, "ttft_s")),
+        _fmt_s(_median_of(h_runs, "ttft_s")),
+        _fmt_speedup(up, "ttft"),
+    )
     table.add_row(
         "decode speed",
-        _fmt_rate(bt["decode_tokens_per_s"]),
-        _fmt_rate(ht["decode_tokens_per_s"]),
-        _fmt_x(up["decode_tokens_per_s"]),
+        _fmt_rate(_median_of(b_runs, "decode_tokens_per_s")),
+        _fmt_rate(_median_of(h_runs, "decode_tokens_per_s")),
+        _fmt_speedup(up, "decode_tokens_per_s"),
     )
     table.add_row(
         "KV cache", _fmt_bytes(base.get("kv_cache_bytes")), _fmt_bytes(record.get("kv_cache_bytes")), ""
     )
     console.print(table)
+
+
+# ------------------------------------------------------------------------------------------- progress
+
+
+class _FramesColumn(ProgressColumn):
+    """``n/T`` once the total is known; nothing before (never ``0/?``)."""
+
+    def render(self, task: Any) -> Text:
+        if task.total is None:
+            return Text("")
+        return Text(f"{int(task.completed)}/{int(task.total)}", style="progress.download")
+
+
+def prepare_with_progress(pipe: Any, video: Any, sampling: Any, console: Console | None) -> Any:
+    """Decode the video and run the vision tower with a progress line on ``console`` (None: silently).
+
+    ``Reading NAME`` with a spinner while OpenCV decodes, then ``Encoding frames n/T`` with a bar: the
+    pipeline reports ``(0, T)`` as soon as the frames are decoded, then the vision tower's progress.
+    """
+    if console is None:
+        return pipe.prepare_video(video, sampling)
+    from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeRemainingColumn
+
+    columns = [
+        SpinnerColumn(),
+        TextColumn("{task.description}"),
+        BarColumn(),
+        _FramesColumn(),
+        TimeRemainingColumn(),
+    ]
+    with Progress(*columns, console=console, transient=True) as progress:
+        task = progress.add_task(f"Reading {escape(getattr(video, 'name', str(video)))}", total=None)
+
+        def on_progress(done: int, total: int) -> None:
+            progress.update(task, description="Encoding frames", completed=done, total=total)
+
+        return pipe.prepare_video(video, sampling, on_progress=on_progress)
+
+
+class Spinner:
+    """A transient spinner on ``console`` (stderr) while the model works, e.g. until the first token streams.
+
+    ``enabled=False`` (``--json``, ``--quiet``) or a console that is not a terminal: nothing is drawn. Unlike
+    ``Console.status`` it never redirects stdout, where the answer streams. Use as a context manager;
+    :meth:`until_first` wraps a text callback so that the spinner stops before the first piece is written.
+    """
+
+    def __init__(self, console: Console, text: str, enabled: bool = True) -> None:
+        self._live = None
+        if enabled and console.is_terminal:
+            from rich.live import Live
+            from rich.spinner import Spinner as RichSpinner
+
+            self._live = Live(
+                RichSpinner("dots", text=text),
+                console=console,
+                transient=True,
+                redirect_stdout=False,
+                redirect_stderr=False,
+                refresh_per_second=12.5,
+            )
+
+    @property
+    def active(self) -> bool:
+        return self._live is not None and self._live.is_started
+
+    def __enter__(self) -> Spinner:
+        if self._live is not None:
+            self._live.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
+
+    def update(self, text: str) -> None:
+        if self._live is not None:
+            from rich.spinner import Spinner as RichSpinner
+
+            self._live.update(RichSpinner("dots", text=text))
+
+    def stop(self) -> None:
+        live, self._live = self._live, None
+        if live is not None and live.is_started:
+            live.stop()
+
+    def until_first(self, on_text: Any) -> Any:
+        """``on_text`` that stops the spinner first (``on_text`` None: pieces are only used to stop it)."""
+
+        def write(piece: str) -> None:
+            self.stop()
+            if on_text is not None:
+                on_text(piece)
+
+        return write
