@@ -85,13 +85,21 @@ def test_batch_folder_with_a_corrupt_file(tiny_model_dir, make_video, tmp_path, 
     direct = pipe.ask(prepared, QUESTIONS[1], get_preset("balanced"), GenerationOptions(max_new_tokens=3))
     assert by_key[(str(videos[0]), QUESTIONS[1])]["answer"] == direct.text
 
-    # Re-running skips the answered items and retries only the failed ones (still one line per item).
+    # Even with --quiet, a one-line summary says how many failed and where to look.
+    assert result.stderr.startswith("Error: 2 of 6 item(s) failed"), result.stderr
+    assert "'error' field" in result.stderr and "Traceback" not in result.stderr
+
+    # Re-running skips the answered items and retries only the failed ones: their new lines are appended,
+    # no line is ever deleted (the last line of an item is the one that counts).
+    before = out.read_bytes()
     prepared_paths.clear()
     again = _batch(tiny_model_dir, *args)
     assert again.exit_code == 1
     assert prepared_paths == [videos[-1]]
+    assert out.read_bytes().startswith(before)
     records2 = _read(out)
-    assert _keys(records2) == _keys(records)
+    assert records2[: len(records)] == records
+    assert _keys(records2[len(records) :]) == Counter({(broken, q): 1 for q in QUESTIONS})
     assert [r for r in records2 if r["error"] is None] == good
 
 
