@@ -12,6 +12,9 @@ What is touched, and where:
 * :func:`cache_keyword`: which keyword a layer or model takes the cache under (checked once per attach).
 * :func:`output_cache`: the cache in a ``generate``/``forward`` output, without deprecation warnings.
 * :func:`video_features`: LLaVA-OneVision's ``get_video_features``, and the shape of what it returns.
+* :func:`qwen_video_features`: Qwen2.5-VL's ``get_video_features`` (merged tokens in raster order).
+* :func:`vision_window_index`: Qwen2.5-VL's window order of merged cells inside its vision encoder.
+* :func:`rope_index`: the family's own ``get_rope_index`` (3-D M-RoPE positions of a prompt).
 
 Tested versions: the oldest declared in pyproject.toml (``TESTED_MIN``) and the newest release, both in CI.
 """
@@ -32,8 +35,11 @@ __all__ = [
     "check_transformers_version",
     "layer_cache",
     "output_cache",
+    "qwen_video_features",
+    "rope_index",
     "transformers_version",
     "video_features",
+    "vision_window_index",
 ]
 
 TESTED_MIN = (5, 20, 0)  # keep in step with pyproject.toml's transformers>=
@@ -159,3 +165,103 @@ def video_features(base_model: Any, pixel_values_videos: torch.Tensor, tokens_pe
             hint=_UPGRADE_HINT,
         )
     return pooled
+
+
+def qwen_video_features(
+    base_model: Any, pixel_values_videos: torch.Tensor, video_grid_thw: torch.Tensor
+) -> torch.Tensor:
+    """Qwen2.5-VL's merged video tokens of one video, as the model splices them into the prompt.
+
+    Args:
+        base_model: the ``Qwen2_5_VLModel`` (``model.model`` of the generation class).
+        pixel_values_videos: (t * gh * gw, C * tps * p * p) patches of one video.
+        video_grid_thw: (1, 3) long, (t, gh, gw).
+
+    Returns:
+        (t * gh/m * gw/m, D): per temporal patch, the merged cells in row-major order.
+    """
+    method = base_model.get_video_features
+    if "video_grid_thw" not in inspect.signature(method).parameters:
+        raise ModelError(
+            "get_video_features takes no video_grid_thw: this transformers version is not one holitom knows",
+            hint=_UPGRADE_HINT,
+        )
+    out = method(pixel_values_videos=pixel_values_videos, video_grid_thw=video_grid_thw, return_dict=True)
+    pooled = out.pooler_output if hasattr(out, "pooler_output") else out
+    if isinstance(pooled, (list, tuple)):
+        pooled = torch.cat(list(pooled), dim=0)
+    merge = int(base_model.config.vision_config.spatial_merge_size)
+    expected = int(video_grid_thw.prod()) // merge**2
+    if not isinstance(pooled, torch.Tensor) or pooled.dim() != 2 or pooled.shape[0] != expected:
+        shape = tuple(pooled.shape) if isinstance(pooled, torch.Tensor) else type(pooled).__name__
+        raise ModelError(
+            f"get_video_features returned {shape} for grid {video_grid_thw.tolist()}, "
+            f"expected {expected} rows",
+            hint=_UPGRADE_HINT,
+        )
+    return pooled
+
+
+def vision_window_index(vision_config: Any, grid_thw: torch.Tensor) -> torch.Tensor:
+    """(cells,) long: the merged cell (raster index over t, h/m, w/m) at each window-ordered position.
+
+    Qwen2.5-VL's vision encoder permutes the merged cells into window order before its blocks and back after
+    the merger; a hook inside the blocks sees rows in this order (each cell's m*m patches consecutive).
+    """
+    try:
+        from transformers.vision_utils import get_vision_window_index
+    except ImportError as exc:
+        raise ModelError(
+            "transformers.vision_utils.get_vision_window_index is missing: this transformers version is "
+            "not one holitom knows",
+            hint=_UPGRADE_HINT,
+        ) from exc
+    params = inspect.signature(get_vision_window_index).parameters
+    if not {"grid_thw", "spatial_merge_size", "window_size", "patch_size"} <= set(params):
+        raise ModelError("get_vision_window_index changed its signature", hint=_UPGRADE_HINT)
+    index, _ = get_vision_window_index(
+        grid_thw,
+        spatial_merge_size=int(vision_config.spatial_merge_size),
+        window_size=int(vision_config.window_size),
+        patch_size=int(vision_config.patch_size),
+    )
+    return index
+
+
+def rope_index(
+    base_model: Any,
+    input_ids: torch.Tensor,
+    mm_token_type_ids: torch.Tensor,
+    video_grid_thw: torch.Tensor,
+    second_per_grid_ts: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The model's own 3-D M-RoPE positions of a prompt holding one uncompressed video.
+
+    Args:
+        base_model: a Qwen-VL ``...Model`` with ``get_rope_index``.
+        input_ids: (1, L); mm_token_type_ids: (1, L) int, 2 at the video placeholders, 0 elsewhere.
+        video_grid_thw: (1, 3) long; second_per_grid_ts: seconds per temporal patch.
+
+    Returns:
+        (position_ids (3, 1, L) long, rope_deltas (1, 1) long).
+    """
+    method = getattr(base_model, "get_rope_index", None)
+    if method is None:
+        raise ModelError(f"{type(base_model).__name__} has no get_rope_index", hint=_UPGRADE_HINT)
+    params = inspect.signature(method).parameters
+    if not {"input_ids", "video_grid_thw", "second_per_grid_ts"} <= set(params):
+        raise ModelError("get_rope_index changed its signature", hint=_UPGRADE_HINT)
+    kwargs: dict[str, Any] = {
+        "video_grid_thw": video_grid_thw,
+        "second_per_grid_ts": torch.tensor([float(second_per_grid_ts)]),
+    }
+    if "mm_token_type_ids" in params:
+        kwargs["mm_token_type_ids"] = mm_token_type_ids
+    positions, deltas = method(input_ids, **kwargs)
+    if tuple(positions.shape) != (3, 1, input_ids.shape[1]):
+        raise ModelError(
+            f"get_rope_index returned positions of shape {tuple(positions.shape)}, expected "
+            f"(3, 1, {input_ids.shape[1]})",
+            hint=_UPGRADE_HINT,
+        )
+    return positions, deltas

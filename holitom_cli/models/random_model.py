@@ -25,7 +25,9 @@ Qwen/LLaVA special tokens. For the real shapes the special tokens keep their rea
 151643 ... ``<video>`` 151647) by padding the vocabulary with unused filler entries (``Ġr<id>``, which
 decode to plain text " r<id>": a random model samples them, and they must not look like special tokens).
 
-Command line: ``python -m holitom_cli.models.random_model --shape tiny OUT_DIR``.
+Command line: ``python -m holitom_cli.models.random_model --shape tiny OUT_DIR``; the Qwen2.5-VL shapes
+(``qwen2_5_vl-tiny``, ``qwen2_5_vl-3b``, ``qwen2_5_vl-7b``) are built by
+:mod:`holitom_cli.models.random_qwen`.
 """
 
 from __future__ import annotations
@@ -140,6 +142,24 @@ def build_tokenizer(real_special_ids: bool) -> Any:
     Returns a transformers fast tokenizer. With ``real_special_ids`` the special tokens get the real Qwen2 ids
     (151643..151647), the gap being filled with reserved entries that BPE never produces.
     """
+    return train_bpe_tokenizer(
+        SPECIAL_TOKENS, REAL_SPECIAL_IDS[0] if real_special_ids else None, QWEN_CHAT_TEMPLATE
+    )
+
+
+def train_bpe_tokenizer(
+    special_tokens: tuple[str, ...],
+    first_special_id: int | None,
+    chat_template: str,
+    eos_token: str = "<|im_end|>",
+    pad_token: str = "<|endoftext|>",
+) -> Any:
+    """The small byte-level BPE of this module with ``special_tokens`` appended in order.
+
+    With ``first_special_id`` the special tokens start at that id (the real checkpoints' ids), the gap after
+    the BPE vocabulary being filled with reserved entries that BPE never produces; otherwise they follow the
+    BPE vocabulary directly.
+    """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -156,10 +176,10 @@ def build_tokenizer(real_special_ids: bool) -> Any:
     spec = json.loads(bpe.to_str())
     vocab: dict[str, int] = spec["model"]["vocab"]
     base = len(vocab)
-    if real_special_ids:
-        for i in range(base, REAL_SPECIAL_IDS[0]):
+    if first_special_id is not None:
+        for i in range(base, first_special_id):
             vocab[f"\u0120r{i}"] = i  # byte-level for " r<i>": plain filler text, never produced by BPE
-        base = REAL_SPECIAL_IDS[0]
+        base = first_special_id
     spec["added_tokens"] = [
         {
             "id": base + i,
@@ -170,15 +190,15 @@ def build_tokenizer(real_special_ids: bool) -> Any:
             "normalized": False,
             "special": True,
         }
-        for i, tok in enumerate(SPECIAL_TOKENS)
+        for i, tok in enumerate(special_tokens)
     ]
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=Tokenizer.from_str(json.dumps(spec)),
-        eos_token="<|im_end|>",
-        pad_token="<|endoftext|>",
+        eos_token=eos_token,
+        pad_token=pad_token,
         model_max_length=32768,
     )
-    tokenizer.chat_template = QWEN_CHAT_TEMPLATE
+    tokenizer.chat_template = chat_template
     return tokenizer
 
 
@@ -320,23 +340,31 @@ def save_random_checkpoint(
 
 
 def main(argv: list[str] | None = None) -> int:
+    from holitom_cli.models.random_qwen import QWEN_SHAPES, save_random_qwen
+
     parser = argparse.ArgumentParser(
         prog="python -m holitom_cli.models.random_model",
-        description="Build a random-weight LLaVA-OneVision checkpoint from the real configs (no download).",
+        description="Build a random-weight LLaVA-OneVision or Qwen2.5-VL checkpoint from the real configs "
+        "(no download).",
     )
     parser.add_argument("out_dir", help="folder to write the checkpoint to")
-    parser.add_argument("--shape", choices=sorted(SHAPES), default="tiny")
+    parser.add_argument("--shape", choices=sorted(SHAPES) + sorted(QWEN_SHAPES), default="tiny")
     parser.add_argument(
         "--dtype",
         choices=["float32", "bfloat16", "float16"],
         default=None,
-        help="weight dtype (default: float32 for tiny, bfloat16 otherwise)",
+        help="weight dtype (default: float32 for tiny shapes, bfloat16 otherwise)",
     )
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    dtype = args.dtype or ("float32" if args.shape == "tiny" else "bfloat16")
-    out = save_random_checkpoint(args.out_dir, shape=args.shape, dtype=dtype, seed=args.seed)
-    print(f"wrote a random {args.shape} LLaVA-OneVision checkpoint ({dtype}) to {out}", file=sys.stderr)
+    dtype = args.dtype or ("float32" if args.shape.endswith("tiny") else "bfloat16")
+    if args.shape in QWEN_SHAPES:
+        out = save_random_qwen(args.out_dir, shape=args.shape, dtype=dtype, seed=args.seed)
+        family = "Qwen2.5-VL"
+    else:
+        out = save_random_checkpoint(args.out_dir, shape=args.shape, dtype=dtype, seed=args.seed)
+        family = "LLaVA-OneVision"
+    print(f"wrote a random {args.shape} {family} checkpoint ({dtype}) to {out}", file=sys.stderr)
     return 0
 
 
