@@ -37,6 +37,12 @@ Every command prints its result on stdout and everything else (progress, reports
 stderr. Errors you can fix print `Error: ...` and a `Hint: ...`, exit code 1; wrong usage exits with 2;
 set `HOLITOM_DEBUG=1` to see a traceback. The JSON written by `ask --json` and `batch` is described in
 [json-schema.md](json-schema.md).
+
+Short options mean the same in every command: `-q` is `--question` (in `ask` an alternative to the QUESTION
+argument, in `batch` repeatable), `-m` `--model`, `-p` `--preset`, `-o` `--output`, `-v` `--verbose`;
+`--quiet` has no short form. Progress bars and spinners (frames being encoded, the prefill until the first
+token, the timing repeats of `--compare-baseline`) are drawn on stderr only for the interactive report on a
+terminal: never with `--json` or `--quiet`.
 """
 
 

@@ -227,8 +227,8 @@ def test_build_config_overrides():
         ({"no_compress": True, "no_inner": True}, "--no-inner"),
         ({"no_inner": True, "inner_layer": 3}, "--no-inner cannot be combined with --inner-layer"),
         ({"preset": "nope"}, "unknown preset"),
-        ({"retain_ratio": 1.5}, "retain_ratio"),
-        ({"inner_prune_ratio": 1.0}, "inner_prune_ratio"),
+        ({"retain_ratio": 1.5}, "retain.ratio"),  # the field or its option, --retain-ratio
+        ({"inner_prune_ratio": 1.0}, "inner.prune.ratio"),
     ],
 )
 def test_build_config_errors(kwargs, needle):
@@ -265,7 +265,7 @@ def test_errors_before_the_model_loads(tmp_path, sample_video, monkeypatch):
     _assert_user_error(_run(["ask", tmp_path, "q"]), "is a folder")
     _assert_user_error(_run(["ask", sample_video, "q", "--frames", 8, "--fps", 1]), "cannot be used together")
     _assert_user_error(_run(["ask", sample_video, "q", "-p", "nope"]), "unknown preset")
-    _assert_user_error(_run(["ask", sample_video, "q", "--retain-ratio", 2]), "retain_ratio")
+    _assert_user_error(_run(["ask", sample_video, "q", "--retain-ratio", 2]), "retain")
     _assert_user_error(_run(["ask", sample_video, "q", "--no-compress", "--tau", 0.5]), "--no-compress")
     _assert_user_error(
         _run(["ask", sample_video, "q", "--no-compress", "--compare-baseline"]), "needs compression"
