@@ -11,19 +11,35 @@ sequential pass (``grab`` every frame, ``retrieve`` only the wanted ones), and w
 container's count, the indices are recomputed for the true count and read again. When the wanted frames are
 far apart (long videos: on average more than ``SEEK_MIN_GAP`` frames), each one is reached by seeking
 instead, which is much faster there; a seek that fails falls back to the sequential pass. Frames come out RGB.
+
+Hostile inputs (issue 9): at most ``limits.MAX_FRAMES`` frames are ever sampled, and ``fps`` sampling
+without ``max_frames`` stops at ``limits.DEFAULT_FPS_MAX_FRAMES``. OpenCV is never given the user's file
+name: it opens a symlink with a plain ASCII name in a private temporary folder (removed afterwards), because
+OpenCV crashes (SIGSEGV) on names that are not valid UTF-8 and FFmpeg reads names such as ``http:x.mp4`` or
+``a%d.mp4`` as protocols or patterns. Only regular files are opened (a FIFO would block, a device never
+ends), after ``os.stat``. :func:`probe_video` is the cheap check run before a model loads (open + one frame +
+frame count).
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import math
 import os
+import re
+import shutil
+import stat
+import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from holitom_cli.errors import ConfigError, VideoError
+from holitom_cli.limits import DEFAULT_FPS_MAX_FRAMES, MAX_FRAMES
 
 #: Mean distance between wanted frames above which frames are reached by seeking rather than decoding through.
 SEEK_MIN_GAP = 250
@@ -97,18 +113,30 @@ def uniform_indices(frame_count: int, num_frames: int) -> list[int]:
 
 
 def fps_indices(frame_count: int, video_fps: float, fps: float, max_frames: int | None) -> list[int]:
-    """One frame every ``round(video_fps / fps)`` frames, uniformly resampled to ``max_frames`` if over it."""
-    step = max(1, round(video_fps / fps))
-    indices = list(range(0, frame_count, step))
-    if max_frames is not None and len(indices) > max_frames:
+    """One frame every ``round(video_fps / fps)`` frames, uniformly resampled to ``max_frames`` if over it.
+
+    An ``fps`` above the video's rate takes every frame once; the candidates are counted before they are
+    listed, so a huge (or wrong) frame count never builds a huge list when ``max_frames`` is set.
+    """
+    ratio = video_fps / fps if fps > 0 else math.inf
+    step = max(1, round(min(ratio, max(frame_count, 1))))  # min(): no OverflowError for a tiny fps
+    candidates = -(-frame_count // step)
+    if max_frames is not None and candidates > max_frames:
         return uniform_indices(frame_count, max_frames)
-    return indices
+    return list(range(0, frame_count, step))
 
 
 def _validate(num_frames: int, fps: float | None, max_frames: int | None) -> None:
     if isinstance(num_frames, bool) or not isinstance(num_frames, int) or num_frames < 1:
         raise ConfigError(f"frames must be an integer >= 1, got {num_frames!r}", hint="e.g. --frames 32")
-    if fps is not None and (not isinstance(fps, int | float) or not math.isfinite(fps) or fps <= 0):
+    if num_frames > MAX_FRAMES:
+        raise ConfigError(
+            f"frames must be at most {MAX_FRAMES}, got {num_frames}",
+            hint=f"sample fewer frames, e.g. --frames 32 (the cap is {MAX_FRAMES})",
+        )
+    if fps is not None and (
+        isinstance(fps, bool) or not isinstance(fps, int | float) or not math.isfinite(fps) or fps <= 0
+    ):
         raise ConfigError(f"fps must be a number > 0, got {fps!r}", hint="e.g. --fps 1")
     if max_frames is not None and (
         isinstance(max_frames, bool) or not isinstance(max_frames, int) or max_frames < 1
@@ -116,24 +144,140 @@ def _validate(num_frames: int, fps: float | None, max_frames: int | None) -> Non
         raise ConfigError(
             f"max_frames must be an integer >= 1, got {max_frames!r}", hint="e.g. --max-frames 64"
         )
+    if max_frames is not None and max_frames > MAX_FRAMES:
+        raise ConfigError(
+            f"max_frames must be at most {MAX_FRAMES}, got {max_frames}",
+            hint=f"e.g. --max-frames 64 (the cap is {MAX_FRAMES})",
+        )
+
+
+_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://?[^/]")
+
+
+def looks_like_url(path: str | os.PathLike) -> bool:
+    """``https://host/v.mp4`` (also after ``pathlib`` folded ``//`` into ``/``), ``rtsp://...``, ..."""
+    text = os.fspath(path)
+    text = text if isinstance(text, str) else os.fsdecode(text)
+    return bool(_URL.match(text)) and len(text.split(":", 1)[0]) > 1  # not a Windows drive "C:/..."
+
+
+def _display(path: Path) -> str:
+    """The path for messages: printable, one line (undecodable bytes shown as ``\\xff``)."""
+    raw = os.fsencode(path)
+    text = raw.decode("utf-8", errors="backslashreplace")
+    return text.encode("unicode_escape").decode("ascii") if not text.isprintable() else text
 
 
 def _check_file(path: Path) -> None:
-    if not path.exists():
-        raise VideoError(f"video not found: {path}", hint="check the path and the file name")
-    if path.is_dir():
-        raise VideoError(f"{path} is a directory, not a video file", hint="pass the path of a video file")
+    """Cheap checks with ``os.stat`` only (never opens a FIFO or a device, which could block or never end)."""
+    shown = _display(path)
+    try:
+        info = os.stat(path)
+    except FileNotFoundError:
+        if looks_like_url(path):
+            url = re.sub(r"^([A-Za-z][A-Za-z0-9+.-]*):/(?=[^/])", r"\1://", shown)  # Path folded "//"
+            raise VideoError(
+                f"URLs are not supported as videos: {url}",
+                hint="download the file first (e.g. with curl -O or yt-dlp) and pass its local path",
+            ) from None
+        raise VideoError(f"video not found: {shown}", hint="check the path and the file name") from None
+    except OSError as exc:
+        if exc.errno == errno.ENAMETOOLONG:
+            raise VideoError(
+                f"the video's file name is too long for the file system: {shown[:80]}...",
+                hint="rename the file (or a folder of its path) to a shorter name",
+            ) from None
+        if exc.errno == errno.EACCES:
+            raise VideoError(
+                f"video is not readable: {shown} (permission denied on a folder of its path)",
+                hint="check the permissions of the folders in the path",
+            ) from None
+        if exc.errno == errno.ELOOP:
+            raise VideoError(f"{shown} is a symlink loop", hint="pass the path of a video file") from None
+        raise VideoError(
+            f"cannot access {shown}: {exc.strerror or exc}", hint="check the path and the file name"
+        ) from None
+    if stat.S_ISDIR(info.st_mode):
+        raise VideoError(f"{shown} is a directory, not a video file", hint="pass the path of a video file")
+    if not stat.S_ISREG(info.st_mode):
+        kind = (
+            "a named pipe (FIFO)"
+            if stat.S_ISFIFO(info.st_mode)
+            else "a device"
+            if stat.S_ISCHR(info.st_mode) or stat.S_ISBLK(info.st_mode)
+            else "a socket"
+            if stat.S_ISSOCK(info.st_mode)
+            else "not a regular file"
+        )
+        raise VideoError(
+            f"{shown} is {kind}, not a video file",
+            hint="save the video to a regular file first and pass that file's path",
+        )
     if not os.access(path, os.R_OK):
         raise VideoError(
-            f"video is not readable: {path} (permission denied)", hint="check the file's permissions"
+            f"video is not readable: {shown} (permission denied)", hint="check the file's permissions"
         )
-    if path.stat().st_size == 0:
+    if info.st_size == 0:
         raise VideoError(
-            f"video file is empty: {path}", hint="the file has 0 bytes; re-export or re-download it"
+            f"video file is empty: {shown}", hint="the file has 0 bytes; re-export or re-download it"
         )
+    try:  # the permission bits are not the whole story (ACLs, network file systems, ...)
+        with open(path, "rb") as handle:
+            handle.read(1)
+    except OSError as exc:
+        reason = "permission denied" if exc.errno in (errno.EACCES, errno.EPERM) else exc.strerror or exc
+        raise VideoError(
+            f"video is not readable: {shown} ({reason})", hint="check the file's permissions"
+        ) from None
 
 
-def _open(path: Path):
+def _safe_suffix(path: Path) -> str:
+    suffix = path.suffix
+    return suffix.lower() if re.fullmatch(r"\.[A-Za-z0-9]{1,8}", suffix) else ""
+
+
+class _Source(str):
+    """The name handed to OpenCV (an alias), remembering the user's path for messages."""
+
+    shown: str = ""
+
+
+@contextlib.contextmanager
+def _opencv_name(path: Path) -> Iterator[_Source]:
+    """A name OpenCV can open for ``path``: a symlink ``video.<ext>`` in a private temporary folder.
+
+    OpenCV segfaults on file names that are not valid UTF-8, and FFmpeg interprets some names (``http:x``,
+    ``concat:...``, ``img%03d``) instead of opening them; a plain ASCII alias avoids every such case. When
+    symlinks are unavailable, the real name is used if it is plain text, else VideoError.
+    """
+    folder = None
+    try:
+        folder = tempfile.mkdtemp(prefix="holitom-video-")
+        alias = os.path.join(folder, "video" + _safe_suffix(path))
+        os.symlink(os.path.abspath(os.fsencode(path)), os.fsencode(alias))
+        name = alias
+    except OSError:
+        if folder is not None:
+            shutil.rmtree(folder, ignore_errors=True)
+            folder = None
+        name = os.fspath(path)
+        try:
+            name.encode("utf-8")
+        except UnicodeEncodeError:
+            raise VideoError(
+                f"cannot open {_display(path)}: its name is not valid UTF-8",
+                hint="rename the file to a name made of plain characters",
+            ) from None
+    source = _Source(name)
+    source.shown = _display(path)
+    try:
+        yield source
+    finally:
+        if folder is not None:
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def _open(path: str | os.PathLike):
     import cv2
 
     # Keep FFmpeg's own messages ("moov atom not found", ...) off the terminal unless the user asked for them.
@@ -141,8 +285,9 @@ def _open(path: Path):
     cap = cv2.VideoCapture(str(path))
     if not cap.isOpened():
         cap.release()
+        shown = getattr(path, "shown", "") or _display(Path(path))
         raise VideoError(
-            f"cannot open {path} as a video: the file is corrupt, truncated or not a supported video format",
+            f"cannot open {shown} as a video: the file is corrupt, truncated or not a supported video format",
             hint="check that the file plays in a video player; re-encode it (e.g. to H.264 .mp4) if it does",
         )
     return cap
@@ -216,41 +361,95 @@ def _count_frames(path: Path) -> int:
     return count
 
 
+def _container_info(source: str) -> tuple[int, float | None, int, int, str]:
+    """(claimed frame count >= 0, usable fps or None, width, height, codec) from the container."""
+    import cv2
+
+    cap = _open(source)
+    try:
+        claimed = _as_int(cap.get(cv2.CAP_PROP_FRAME_COUNT))
+        video_fps = float(cap.get(cv2.CAP_PROP_FPS))
+        width = _as_int(cap.get(cv2.CAP_PROP_FRAME_WIDTH))
+        height = _as_int(cap.get(cv2.CAP_PROP_FRAME_HEIGHT))
+        codec = _fourcc(cap.get(cv2.CAP_PROP_FOURCC))
+    finally:
+        cap.release()
+    usable_fps = video_fps if math.isfinite(video_fps) and 0 < video_fps < 10_000 else None
+    return claimed, usable_fps, width, height, codec
+
+
+def _as_int(value: float) -> int:
+    """A container property as a count >= 0 (OpenCV reports unknown values as 0, -1 or nan)."""
+    return int(value) if math.isfinite(value) and value > 0 else 0
+
+
+def probe_video(path: str | os.PathLike) -> VideoMeta:
+    """The cheap check run before a model loads: a regular, readable file that OpenCV opens and that
+    decodes at least one frame. Reads one frame only (``frame_count`` is the container's count, 0 when
+    unknown). Raises VideoError otherwise, with the same messages as :func:`load_video`."""
+    file = Path(path)
+    _check_file(file)
+    with _opencv_name(file) as source:
+        claimed, usable_fps, width, height, codec = _container_info(source)
+        cap = _open(source)
+        try:
+            ok, frame = cap.read()
+        finally:
+            cap.release()
+    if not ok or frame is None:
+        raise VideoError(
+            f"no frames could be decoded from {source.shown}: the file is empty, truncated or corrupt",
+            hint="check that the file plays in a video player; re-encode it if it does",
+        )
+    return VideoMeta(
+        path=str(file),
+        fps=usable_fps,
+        duration_s=(claimed / usable_fps) if usable_fps and claimed else None,
+        width=width or int(frame.shape[1]),
+        height=height or int(frame.shape[0]),
+        codec=codec,
+        frame_count=claimed,
+        claimed_frame_count=claimed,
+    )
+
+
 def load_video(
     path: str | os.PathLike, num_frames: int = 32, fps: float | None = None, max_frames: int | None = None
 ) -> VideoClip:
     """Decode and sample frames of a video file.
 
     Args:
-        path: a video file OpenCV can read.
-        num_frames: frames to sample uniformly (ignored when ``fps`` is given).
-        fps: sample this many frames per second of video instead; ``max_frames`` caps the count.
+        path: a video file OpenCV can read (any file name: see the module docstring).
+        num_frames: frames to sample uniformly (ignored when ``fps`` is given), at most ``MAX_FRAMES``.
+        fps: sample this many frames per second of video instead; ``max_frames`` caps the count
+            (``DEFAULT_FPS_MAX_FRAMES`` when not given, at most ``MAX_FRAMES``). An ``fps`` above the video's
+            own rate takes every source frame once.
     Returns:
         a :class:`VideoClip` with frames (T, H, W, 3) uint8 RGB.
     Raises:
         ConfigError for invalid sampling settings; VideoError for a missing, unreadable, corrupt, truncated or
-        empty file.
+        empty file, a URL, a directory, a FIFO or a device.
     """
-    import cv2
-
     _validate(num_frames, fps, max_frames)
     start = time.perf_counter()
     file = Path(path)
     _check_file(file)
-    cap = _open(file)
-    try:
-        claimed = int(cap.get(cv2.CAP_PROP_FRAME_COUNT))
-        video_fps = float(cap.get(cv2.CAP_PROP_FPS))
-        width = int(cap.get(cv2.CAP_PROP_FRAME_WIDTH))
-        height = int(cap.get(cv2.CAP_PROP_FRAME_HEIGHT))
-        codec = _fourcc(cap.get(cv2.CAP_PROP_FOURCC))
-    finally:
-        cap.release()
-    claimed = max(claimed, 0)
-    usable_fps = video_fps if math.isfinite(video_fps) and 0 < video_fps < 10_000 else None
+    cap_frames = max_frames if max_frames is not None else DEFAULT_FPS_MAX_FRAMES
+    with _opencv_name(file) as source:
+        clip = _load(file, source, num_frames, fps, cap_frames)
+    clip.decode_s = time.perf_counter() - start
+    clip.sampling = {"frames": num_frames, "fps": fps, "max_frames": cap_frames if fps is not None else None}
+    return clip
+
+
+def _load(file: Path, source: _Source, num_frames: int, fps: float | None, max_frames: int) -> VideoClip:
+    import cv2
+
+    shown = source.shown
+    claimed, usable_fps, width, height, codec = _container_info(source)
     if fps is not None and usable_fps is None:
         raise VideoError(
-            f"{file} does not report a frame rate, so frames cannot be sampled by fps",
+            f"{shown} does not report a frame rate, so frames cannot be sampled by fps",
             hint="sample a fixed number of frames instead (--frames N)",
         )
 
@@ -261,33 +460,36 @@ def load_video(
 
     count = claimed
     if count <= 0:  # unknown count: find it by decoding
-        count = _count_frames(file)
+        count = _count_frames(source)
     frames: list[np.ndarray] = []
     indices: list[int] = []
     if count > 0:
         indices = pick(count)
         sparse = len(indices) > 1 and (indices[-1] - indices[0]) / (len(indices) - 1) > SEEK_MIN_GAP
-        seeked = _read_seeking(file, indices) if sparse else None
+        seeked = _read_seeking(source, indices) if sparse else None
         decoded = 0
         if seeked is not None:
             frames, ended_early = seeked, False
         else:
-            frames, decoded, ended_early = _read(file, indices)
+            frames, decoded, ended_early = _read(source, indices)
         if ended_early:  # the container over-counted: resample on the frames that really decode
-            count = decoded if decoded > 0 else _count_frames(file)
+            count = decoded if decoded > 0 else _count_frames(source)
             indices = pick(count) if count > 0 else []
-            frames, _, ended_early = _read(file, indices)
+            frames, _, ended_early = _read(source, indices)
             if ended_early:
                 raise VideoError(
-                    f"{file} decodes inconsistently (it stopped at a different frame on a second read)",
+                    f"{shown} decodes inconsistently (it stopped at a different frame on a second read)",
                     hint="the file is probably damaged; re-encode it",
                 )
     if not frames:
         raise VideoError(
-            f"no frames could be decoded from {file}: the file is empty, truncated or corrupt",
+            f"no frames could be decoded from {shown}: the file is empty, truncated or corrupt",
             hint="check that the file plays in a video player; re-encode it if it does",
         )
-    rgb = np.stack([cv2.cvtColor(frame, cv2.COLOR_BGR2RGB) for frame in frames])  # (T, H, W, 3)
+    first = frames[0].shape
+    # A stream whose resolution changes midway: every frame is brought to the first frame's size.
+    same = [f if f.shape == first else cv2.resize(f, (first[1], first[0])) for f in frames]
+    rgb = np.stack([cv2.cvtColor(frame, cv2.COLOR_BGR2RGB) for frame in same])  # (T, H, W, 3)
     timestamps = [i / usable_fps if usable_fps else 0.0 for i in indices]
     meta = VideoMeta(
         path=str(file),
@@ -299,5 +501,4 @@ def load_video(
         frame_count=count,
         claimed_frame_count=claimed,
     )
-    sampling = {"frames": num_frames, "fps": fps, "max_frames": max_frames}
-    return VideoClip(rgb, indices, timestamps, meta, time.perf_counter() - start, sampling)
+    return VideoClip(rgb, indices, timestamps, meta)

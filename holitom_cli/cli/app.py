@@ -6,11 +6,13 @@ command bodies, so ``holitom --help`` answers at once.
 
 from __future__ import annotations
 
+import sys
+
 import typer
-from typer.core import TyperGroup
+from typer.core import TyperCommand, TyperGroup
 
 from holitom_cli import __version__
-from holitom_cli.cli.errors import exit_code_for
+from holitom_cli.cli.errors import BROKEN_PIPE_EXIT, exit_code_for, silence_stdout
 
 
 class _HolitomGroup(TyperGroup):
@@ -23,6 +25,17 @@ class _HolitomGroup(TyperGroup):
             raise
         except (Exception, KeyboardInterrupt) as exc:
             ctx.exit(exit_code_for(exc))
+
+
+class _HolitomCommand(TyperCommand):
+    """A command whose raw values pass the bounds of ``holitom_cli.limits`` before its body runs (questions,
+    --max-new-tokens: see ``settings.check_command_inputs``), so an oversized input fails before any work."""
+
+    def invoke(self, ctx):  # type: ignore[override]
+        from holitom_cli.cli.settings import check_command_inputs
+
+        check_command_inputs(ctx.params)
+        return super().invoke(ctx)
 
 
 app = typer.Typer(
@@ -56,9 +69,9 @@ def _root(
 def _register() -> None:
     from holitom_cli.cli import ask, batch, commands, inspect_cmd
 
-    app.command("ask", no_args_is_help=True)(ask.ask_command)
-    app.command("batch", no_args_is_help=True)(batch.batch_command)
-    app.command("inspect", no_args_is_help=True)(inspect_cmd.inspect_command)
+    app.command("ask", no_args_is_help=True, cls=_HolitomCommand)(ask.ask_command)
+    app.command("batch", no_args_is_help=True, cls=_HolitomCommand)(batch.batch_command)
+    app.command("inspect", no_args_is_help=True, cls=_HolitomCommand)(inspect_cmd.inspect_command)
     app.command("presets")(commands.presets_command)
     app.command("models")(commands.models_command)
     app.command("download", no_args_is_help=True)(commands.download_command)
@@ -69,5 +82,13 @@ _register()
 
 
 def main() -> None:
-    """Console-script entry point."""
-    app()
+    """Console-script entry point.
+
+    A broken stdout pipe outside a command (``holitom --help | head -c1``) ends quietly with exit code 141,
+    as it does inside one (cli/errors.py).
+    """
+    try:
+        app()
+    except BrokenPipeError:
+        silence_stdout()
+        sys.exit(BROKEN_PIPE_EXIT)

@@ -12,14 +12,24 @@ from holitom_cli.errors import VideoError
 
 
 def check_video_path(video: Path) -> None:
-    """Cheap checks before the model loads: the file exists and is a file."""
-    if not video.exists():
-        raise VideoError(f"video not found: {video}", hint="Check the path (use quotes if it has spaces).")
-    if video.is_dir():
+    """Cheap checks before the model loads, so that a bad video fails in a second, not after the model loaded.
+
+    The path must be a regular, readable file (never a URL, a folder, a FIFO or a device: ``stat`` first, so
+    nothing blocks) that OpenCV opens and decodes one frame of (``holitom_cli.video.probe_video``). Raises
+    VideoError with a hint otherwise.
+    """
+    from holitom_cli.video import probe_video
+
+    try:
+        is_dir = video.is_dir()
+    except OSError:  # e.g. a name too long for the file system: probe_video says which
+        is_dir = False
+    if is_dir:
         raise VideoError(
             f"{video} is a folder, not a video file",
             hint="To ask about every video in it, use holitom batch.",
         )
+    probe_video(video)
 
 
 def load_pipeline(console: Any, show: bool, model: str, **load_options: Any) -> Any:
@@ -27,11 +37,12 @@ def load_pipeline(console: Any, show: bool, model: str, **load_options: Any) -> 
     bars of huggingface-hub and transformers may follow); ``show=False`` switches those bars off too."""
     from rich.markup import escape
 
+    from holitom_cli.cli.errors import one_line
     from holitom_cli.cli.report import library_progress_bars
     from holitom_cli.pipeline import Pipeline
 
     if show:
-        console.print(f"Loading {escape(model)} ...", highlight=False)
+        console.print(f"Loading {escape(one_line(model))} ...", highlight=False)
     with library_progress_bars(show):
         return Pipeline.load(model, **load_options)
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import abc
 import importlib
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -113,26 +114,59 @@ class VideoLanguageModel(abc.ABC):
 # dtype
 
 
+_DEVICE = re.compile(r"(auto|cpu|cuda|mps)(?::(\d{1,4}))?")
+
+
 def resolve_device(device: str = "auto") -> torch.device:
-    """``auto`` -> cuda, then mps, then cpu; an explicit device must exist (``cuda:1`` accepted)."""
+    """``auto`` -> cuda, then mps, then cpu; an explicit device must exist (``cuda:1`` accepted).
+
+    Anything else (``cpu:junk``, ``foo``, ``cuda:99`` on a 1-GPU machine) is a ConfigError, never a torch
+    RuntimeError.
+    """
     import torch
 
-    if not isinstance(device, str) or device.split(":")[0] not in DEVICES:
-        raise ConfigError(f"unknown device {device!r}", hint=f"use one of: {', '.join(DEVICES)} (or cuda:N)")
-    kind = device.split(":")[0]
+    names = ", ".join(DEVICES)
+    text = device.strip().lower() if isinstance(device, str) else ""
+    match = _DEVICE.fullmatch(text)
+    if match is None:
+        raise ConfigError(
+            f"unknown device {device!r}", hint=f"use one of: {names} (or cuda:N for the N-th GPU)"
+        )
+    kind, index = match.group(1), match.group(2)
+    if index is not None and kind in ("auto", "cpu"):
+        raise ConfigError(
+            f"unknown device {device!r}: only cuda (and mps) take an index",
+            hint=f"use {kind}, or cuda:N for the N-th GPU",
+        )
     if kind == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
         if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
             return torch.device("mps")
         return torch.device("cpu")
-    if kind == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(
-            "device 'cuda' requested but no CUDA GPU is available", hint="use --device cpu or auto"
-        )
-    if kind == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        raise ConfigError("device 'mps' requested but MPS is not available", hint="use --device cpu or auto")
-    return torch.device(device)
+    if kind == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(
+                f"device {device!r} requested but no CUDA GPU is available", hint="use --device cpu or auto"
+            )
+        count = torch.cuda.device_count()
+        if index is not None and int(index) >= count:
+            raise ConfigError(
+                f"device {device!r} requested but this machine has {count} CUDA GPU(s) (cuda:0 to "
+                f"cuda:{count - 1})",
+                hint="use --device cuda (the first GPU) or a smaller index",
+            )
+    if kind == "mps":
+        if not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+            raise ConfigError(
+                "device 'mps' requested but MPS is not available", hint="use --device cpu or auto"
+            )
+        if index is not None and int(index) != 0:
+            raise ConfigError(f"unknown device {device!r}: there is one MPS device", hint="use --device mps")
+    try:
+        return torch.device(text)
+    except (RuntimeError, ValueError) as exc:  # defensive: torch's own parser has the last word
+        raise ConfigError(f"unknown device {device!r} ({exc})", hint=f"use one of: {names}") from exc
 
 
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
@@ -159,9 +193,23 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
 # ----------------------------------------------------------------------------------------------- hub / cache
 
 
+def _exists(path: Path) -> bool:
+    try:
+        return path.exists()
+    except (OSError, ValueError):  # a name too long for the file system, ...
+        return False
+
+
+def _is_dir(path: Path) -> bool:
+    try:
+        return path.is_dir()
+    except (OSError, ValueError):
+        return False
+
+
 def _looks_like_path(model: str) -> bool:
     """A path rather than a hub id ("owner/name"): explicit prefixes, backslashes, several slashes."""
-    return model.startswith((".", "/", "~")) or "\\" in model or model.count("/") > 1 or Path(model).exists()
+    return model.startswith((".", "/", "~")) or "\\" in model or model.count("/") > 1 or _exists(Path(model))
 
 
 def _hub_error(exc: Exception, model: str, revision: str | None) -> ModelError:
@@ -198,8 +246,11 @@ def resolve_checkpoint(model: str, *, revision: str | None = None, offline: bool
     """A local folder, or a hub id downloaded (or found, when offline) in the standard cache."""
     if not isinstance(model, str) or not model.strip():
         raise ConfigError("no model given", hint="pass a hub id or a local checkpoint folder")
-    local = Path(model).expanduser()
-    if local.is_dir():
+    try:
+        local = Path(model).expanduser()
+    except RuntimeError:  # "~someone/..." with no such user
+        local = Path(model)
+    if _is_dir(local):
         return local
     if _looks_like_path(model):
         raise ModelError(
@@ -223,6 +274,45 @@ def download_model(model: str, revision: str | None = None) -> Path:
     return path
 
 
+#: config.json files larger than this are refused (a real one is a few KB; never read a huge file whole).
+MAX_CONFIG_BYTES = 16 * 1024 * 1024
+
+
+def read_config(config_file: Path) -> dict[str, Any]:
+    """A checkpoint's ``config.json`` as a dict; ModelError when unreadable, not JSON or not an object."""
+    damaged = "the checkpoint is damaged or incomplete; download it again"
+    try:
+        size = config_file.stat().st_size
+        if size > MAX_CONFIG_BYTES:
+            raise ModelError(
+                f"{config_file} is {size:,} bytes, too large for a model config (at most "
+                f"{MAX_CONFIG_BYTES:,})",
+                hint=damaged,
+            )
+        text = config_file.read_bytes().decode("utf-8")
+        config = json.loads(text)
+    except ModelError:
+        raise
+    except PermissionError as exc:
+        raise ModelError(
+            f"cannot read {config_file}: permission denied", hint="check the file's permissions"
+        ) from exc
+    except OSError as exc:
+        raise ModelError(f"cannot read {config_file}: {exc.strerror or exc}", hint=damaged) from exc
+    except UnicodeDecodeError as exc:
+        raise ModelError(f"{config_file} is not UTF-8 text ({exc.reason})", hint=damaged) from exc
+    except (json.JSONDecodeError, RecursionError) as exc:
+        raise ModelError(f"{config_file} is not valid JSON ({exc})", hint=damaged) from exc
+    if not isinstance(config, dict):
+        kinds = {list: "an array", str: "a string", int: "a number", float: "a number", bool: "a boolean"}
+        kind = "null" if config is None else kinds.get(type(config), type(config).__name__)
+        raise ModelError(
+            f"{config_file} holds {kind}, not a JSON object with the model's settings",
+            hint=damaged,
+        )
+    return config
+
+
 def read_model_type(path: Path) -> str:
     """The checkpoint's ``model_type``; ModelError when missing or unsupported."""
     config_file = path / "config.json"
@@ -231,19 +321,15 @@ def read_model_type(path: Path) -> str:
             f"{path} has no config.json, so it is not a model checkpoint",
             hint="pass the folder that holds config.json and the weights",
         )
-    try:
-        config = json.loads(config_file.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ModelError(
-            f"cannot read {config_file}: {exc}", hint="the checkpoint is damaged; download it again"
-        ) from exc
+    config = read_config(config_file)
     model_type = config.get("model_type")
-    if model_type not in FAMILIES:
-        raise ModelError(
-            f"unsupported model architecture {model_type!r} in {path}",
-            hint=f"supported families: {', '.join(SUPPORTED_FAMILIES)} "
-            "(e.g. llava-hf/llava-onevision-qwen2-7b-ov-hf)",
-        )
+    supported = (
+        f"supported families: {', '.join(SUPPORTED_FAMILIES)} (e.g. llava-hf/llava-onevision-qwen2-7b-ov-hf)"
+    )
+    if model_type is None:
+        raise ModelError(f"{config_file} has no model_type, so the architecture is unknown", hint=supported)
+    if not isinstance(model_type, str) or model_type not in FAMILIES:
+        raise ModelError(f"unsupported model architecture {model_type!r} in {path}", hint=supported)
     return model_type
 
 
@@ -291,8 +377,10 @@ def list_cached_models(cache_dir: str | Path | None = None) -> list[CachedModel]
             config_file = Path(revision.snapshot_path) / "config.json"
             if config_file.is_file():
                 try:
-                    model_type = json.loads(config_file.read_text()).get("model_type")
-                except (OSError, json.JSONDecodeError):
+                    model_type = read_config(config_file).get("model_type")
+                except ModelError:
+                    model_type = None
+                if not isinstance(model_type, str):
                     model_type = None
                 break
         refs = sorted({ref for revision in repo.revisions for ref in revision.refs})
@@ -357,6 +445,14 @@ def load_model(
     torch_dtype = resolve_dtype(dtype, torch_device)
     quant = quantization_config(quantize, torch_dtype)
     path = resolve_checkpoint(model, revision=revision, offline=offline)
+    try:
+        str(path).encode("utf-8")
+    except UnicodeEncodeError:  # transformers and safetensors cannot open such paths
+        shown = str(path).encode("utf-8", errors="surrogateescape").decode("utf-8", errors="backslashreplace")
+        raise ModelError(
+            f"the model folder's path is not valid UTF-8: {shown}",
+            hint="rename the folder (or the folders above it) to plain characters",
+        ) from None
     family = read_model_type(path)
     module = importlib.import_module(FAMILIES[family])
     return module.load(
