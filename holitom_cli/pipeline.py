@@ -164,6 +164,18 @@ def _context_error(prompt_tokens: int, visual: int | None, max_new_tokens: int, 
     )
 
 
+def _without_repeats(callback: Any) -> Any:
+    """``callback`` called only when its arguments change (the model may report ``(0, T)`` again)."""
+    last: list[tuple] = []
+
+    def call(*args: Any) -> None:
+        if not last or last[0] != args:
+            last[:] = [args]
+            callback(*args)
+
+    return call
+
+
 def _outer_key(cfg: Any) -> tuple:
     return (cfg.retain_ratio, cfg.tau, cfg.beta, cfg.dpc_k, cfg.max_window)
 
@@ -220,6 +232,7 @@ class Pipeline:
                 video, num_frames=sampling.frames or 32, fps=sampling.fps, max_frames=sampling.max_frames
             )
         if on_progress is not None:  # the frame count is known once decoded: "0/T" before the vision tower
+            on_progress = _without_repeats(on_progress)
             on_progress(0, int(clip.frames.shape[0]))
         device = self.model.device
         if getattr(device, "type", None) == "cuda":

@@ -175,7 +175,10 @@ def test_prepared_clip_and_other_questions(pipe, sample_video):
     clip = load_video(sample_video, num_frames=4)
     progress = []
     video = pipe.prepare_video(clip, on_progress=lambda done, total: progress.append((done, total)))
-    assert progress == [(4, 4)]
+    # (0, T) as soon as the frames are known, then the vision tower's progress, each state once
+    assert progress[0] == (0, 4) and progress[-1] == (4, 4)
+    assert all(total == 4 for _, total in progress) and len(set(progress)) == len(progress)
+    assert [done for done, _ in progress] == sorted(done for done, _ in progress)
     assert video.clip is clip and video.features.shape == (4, 49, 64)
     answer = pipe.ask(video, "Which colour?", None, GenerationOptions(max_new_tokens=5))
     assert answer.token_ids == _reference_tokens(pipe, clip.frames, "Which colour?", 5)
