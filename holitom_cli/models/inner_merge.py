@@ -1,5 +1,11 @@
 """HoliTom's inner-LLM stage (spec section 5) as removable forward pre-hooks on one Qwen2 decoder instance.
 
+Known decoders (``SUPPORTED_DECODERS``): ``Qwen2Model`` (LLaVA-OneVision's language model, 1-D RoPE) and
+``Qwen2_5_VLTextModel`` / ``Qwen2VLTextModel`` (Qwen2.5-VL / Qwen2-VL, 3-D M-RoPE). Both hand every layer
+the same ``(cos, sin)`` of shape (B, n, head_dim) (M-RoPE's sections are already interleaved), so gathering
+the kept columns of ``(cos, sin)`` keeps every kept token at its original 1-D or 3-D position; Qwen-VL's
+``position_ids`` (3|4, B, n) or (B, n) are gathered on their last axis. Any other decoder class raises.
+
 Usage (batch size 1)::
 
     handle = attach_inner_merge(decoder, layer=K, prune_ratio=r)   # decoder: a Qwen2Model (has .layers)
@@ -41,9 +47,11 @@ from holitom_cli.compression import merge_visual_states
 from holitom_cli.errors import ConfigError, ModelError
 from holitom_cli.models.compat import cache_keyword, layer_cache
 
-__all__ = ["InnerMergeHandle", "InnerMergeStats", "attach_inner_merge"]
+__all__ = ["SUPPORTED_DECODERS", "InnerMergeHandle", "InnerMergeStats", "attach_inner_merge"]
 
 _SUPPORTED_ATTENTION = ("eager", "sdpa")
+#: Decoder classes whose layers take (cos, sin) of shape (B, n, head_dim) and have Qwen2's attention layout.
+SUPPORTED_DECODERS = ("Qwen2Model", "Qwen2_5_VLTextModel", "Qwen2VLTextModel")
 # Decoders that currently carry an InnerMergeHandle (two handles on one decoder would merge twice).
 _ACTIVE: weakref.WeakSet[torch.nn.Module] = weakref.WeakSet()
 
@@ -249,10 +257,10 @@ class InnerMergeHandle:
         )  # (n',) ascending positions kept at layers >= K
         new_hidden = torch.cat([hidden[:, :start], merged[None], hidden[:, start + num :]], dim=1)  # (1,n',C)
         swap: dict[str, Any] = {}
-        cos, sin = kwargs["position_embeddings"]  # (1, n, d) each
-        swap["position_embeddings"] = (cos.index_select(1, keep_full), sin.index_select(1, keep_full))
-        if kwargs.get("position_ids") is not None:
-            swap["position_ids"] = kwargs["position_ids"].index_select(-1, keep_full)  # (1, n')
+        cos, sin = _rope_pair(kwargs, n)  # (1, n, d) each (M-RoPE: sections already interleaved)
+        swap["position_embeddings"] = (cos.index_select(-2, keep_full), sin.index_select(-2, keep_full))
+        if kwargs.get("position_ids") is not None:  # (1, n) or M-RoPE (3|4, 1, n): gather the last axis
+            swap["position_ids"] = kwargs["position_ids"].index_select(-1, keep_full)
         mask = kwargs.get("attention_mask")
         if isinstance(mask, torch.Tensor) and mask.dim() == 4:  # (1, 1, n, n): keep rows and columns
             swap["attention_mask"] = mask.index_select(2, keep_full).index_select(3, keep_full)
@@ -299,6 +307,23 @@ def _check_batch(hidden: torch.Tensor) -> None:
         )
 
 
+def _rope_pair(kwargs: dict, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The layer's ``(cos, sin)``, checked to be (B, n, head_dim) each; ModelError for any other layout."""
+    pair = kwargs.get("position_embeddings")
+    if (
+        not isinstance(pair, (tuple, list))
+        or len(pair) != 2
+        or any(not isinstance(t, torch.Tensor) or t.dim() != 3 or t.shape[1] != n for t in pair)
+    ):
+        shapes = [tuple(t.shape) for t in pair] if isinstance(pair, (tuple, list)) else type(pair).__name__
+        raise ModelError(
+            f"the decoder layer got rotary embeddings of shape {shapes}, expected (cos, sin) of (B, {n}, d)",
+            hint="this transformers version passes positions to the decoder layers in a way holitom does "
+            "not know",
+        )
+    return pair[0], pair[1]
+
+
 def _last_query_attention(layer: torch.nn.Module, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
     """Softmax attention of the last query of ``layer`` over all n keys, mean over heads.
 
@@ -316,7 +341,7 @@ def _last_query_attention(layer: torch.nn.Module, hidden: torch.Tensor, kwargs: 
     x = layer.input_layernorm(hidden)  # (1, n, C)
     q = attn.q_proj(x[:, -1:]).view(1, 1, -1, d).transpose(1, 2).float()  # (1, H, 1, d)
     k = attn.k_proj(x).view(1, x.shape[1], -1, d).transpose(1, 2).float()  # (1, KV, n, d)
-    cos, sin = (t.float()[:, None] for t in kwargs["position_embeddings"])  # (1, 1, n, d)
+    cos, sin = (t.float()[:, None] for t in _rope_pair(kwargs, hidden.shape[1]))  # (1, 1, n, d)
     q = q * cos[:, :, -1:] + _rotate_half(q) * sin[:, :, -1:]
     k = k * cos + _rotate_half(k) * sin
     k = k.repeat_interleave(attn.num_key_value_groups, dim=1)  # (1, H, n, d)
@@ -335,7 +360,8 @@ def attach_inner_merge(decoder: torch.nn.Module, layer: int, prune_ratio: float)
 
     Args:
         decoder: the ``Qwen2Model`` (``.layers``, ``.config``), e.g. ``model.model`` of a Qwen2ForCausalLM or
-            ``model.model.language_model`` of LLaVA-OneVision.
+            ``model.model.language_model`` of LLaVA-OneVision, or ``model.model.language_model`` (a
+            ``Qwen2_5_VLTextModel``) of Qwen2.5-VL.
         layer: K, the first layer that runs on the shortened sequence, ``1 <= K < num_layers``.
         prune_ratio: fraction of the visual span removed at layer K, in [0, 1) (0 keeps every token).
 
@@ -347,6 +373,11 @@ def attach_inner_merge(decoder: torch.nn.Module, layer: int, prune_ratio: float)
         raise ModelError(
             f"{type(decoder).__name__} is not a decoder with .layers",
             hint="pass the Qwen2Model (model.model; model.model.language_model for LLaVA-OneVision)",
+        )
+    if type(decoder).__name__ not in SUPPORTED_DECODERS:
+        raise ModelError(
+            f"the inner merge does not know the decoder {type(decoder).__name__}",
+            hint=f"supported decoders: {', '.join(SUPPORTED_DECODERS)}",
         )
     num_layers = len(layers)
     if isinstance(layer, bool) or not isinstance(layer, int) or not 1 <= layer < num_layers:
