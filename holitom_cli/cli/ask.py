@@ -207,6 +207,7 @@ def _compare(console, interactive, show, stream, pipe, prepared, question, cfg, 
     from holitom_cli.cli.report import Spinner, compare_with_baseline
 
     labels = {"baseline": "Full model (no compression)", "holitom": "HoliTom"}
+    short = {"baseline": "full model", "holitom": "HoliTom"}
     state = {"spinner": Spinner(console, "Warming up ...", enabled=interactive).__enter__()}
 
     def on_run(index: int, kind: str) -> None:
@@ -216,9 +217,9 @@ def _compare(console, interactive, show, stream, pipe, prepared, question, cfg, 
                 stream("\n\n")  # end the first answer, then a blank line
             if stream is not None and show:
                 console.print(f"[bold]{labels[kind]}[/bold]")
-            text = f"Prefilling ({labels[kind]}) ..."
+            text = f"Prefilling: {short[kind]} ..."
         else:
-            text = f"Timing run {index + 1} of {repeats}: {labels[kind]} ..."
+            text = f"Timing run {index + 1} of {repeats}: {short[kind]} ..."
         state["spinner"] = Spinner(console, text, enabled=interactive).__enter__()
 
     def on_text(kind: str, piece: str) -> None:
