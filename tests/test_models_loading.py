@@ -185,3 +185,96 @@ def test_list_cached_models(tmp_path):
     assert found["acme/tiny-ov"].revisions == (commit[:12],)
     assert found["acme/tiny-ov"].refs == ("main",)
     assert found["acme/tiny-ov"].to_dict()["model_type"] == "llava_onevision"
+
+
+# ----------------------------------------------------------------------------- hostile inputs (issue 9)
+
+
+@pytest.mark.parametrize(
+    ("content", "words"),
+    [
+        (b"[]", "array"),
+        (b'"x"', "string"),
+        (b"null", "null"),
+        (b"3", "number"),
+        (b"{bad", "not valid json"),
+        (b"\xff\xfe\x00", "not utf-8"),
+        (b"{}", "no model_type"),
+        (b'{"model_type": 3}', "unsupported"),
+        (b'{"model_type": ["llava_onevision"]}', "unsupported"),
+        (b"[" * 100_000 + b"]" * 100_000, "not valid json"),  # deep nesting: RecursionError in json
+    ],
+    ids=["list", "string", "null", "number", "invalid", "binary", "no-type", "int-type", "list-type", "deep"],
+)
+def test_broken_config_json_is_a_model_error(tmp_path, content, words):
+    (tmp_path / "config.json").write_bytes(content)
+    with pytest.raises(ModelError) as info:
+        load_model(str(tmp_path), device="cpu")
+    assert words in info.value.message.lower(), info.value.message
+    assert info.value.hint
+
+
+def test_oversized_or_unreadable_config_json(tmp_path, monkeypatch):
+    import pathlib
+
+    import holitom_cli.models.loading as loading
+
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({"model_type": "llava_onevision"}))
+    monkeypatch.setattr(loading, "MAX_CONFIG_BYTES", 10)
+    with pytest.raises(ModelError, match="too large"):
+        loading.read_model_type(tmp_path)
+    monkeypatch.undo()
+    real_open = pathlib.Path.open
+
+    def denied(self, *args, **kwargs):  # root reads any file, so simulate what other users see
+        if self == config:
+            raise PermissionError(13, "Permission denied", str(self))
+        return real_open(self, *args, **kwargs)
+
+    monkeypatch.setattr(pathlib.Path, "open", denied)
+    with pytest.raises(ModelError, match="permission denied"):
+        loading.read_model_type(tmp_path)
+
+
+def test_list_cached_models_survives_a_config_that_is_not_an_object(tmp_path):
+    _fake_cache_repo(tmp_path, "acme/odd", "llava_onevision")
+    snapshot = next((tmp_path / "models--acme--odd" / "snapshots").iterdir())
+    (snapshot / "config.json").write_text("[]")  # through the symlink, into the blob
+    (found,) = list_cached_models(tmp_path)
+    assert found.repo_id == "acme/odd" and found.model_type is None and not found.supported
+
+
+@pytest.mark.parametrize(
+    "device", ["cpu:junk", "foo", "", "   ", "cuda:x", "auto:1", "cpu:1", "cuda:99999", "cuda:-1", "mps:7"]
+)
+def test_bad_devices_are_config_errors(device):
+    with pytest.raises(ConfigError) as info:
+        resolve_device(device)
+    assert info.value.hint
+
+
+def test_cuda_index_beyond_the_gpus(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert resolve_device("cuda:1") == torch.device("cuda:1")
+    with pytest.raises(ConfigError, match="2 CUDA GPU"):
+        resolve_device("cuda:99")
+
+
+def test_device_names_are_case_and_space_insensitive():
+    assert resolve_device(" CPU ") == torch.device("cpu")
+
+
+@pytest.mark.parametrize("model", ["~no-such-user-here/model", "a/" + "b" * 300])
+def test_odd_model_names_are_model_errors(model):
+    with pytest.raises(ModelError):
+        load_model(model, device="cpu", offline=True)
+
+
+def test_model_folder_with_a_non_utf8_name(tiny_model_dir, tmp_path):
+    folder = os.path.join(os.fsencode(tmp_path), b"model\xff")
+    shutil.copytree(os.fsencode(tiny_model_dir), folder)
+    with pytest.raises(ModelError, match="not valid UTF-8") as info:
+        load_model(os.fsdecode(folder), device="cpu")
+    assert "rename" in info.value.hint

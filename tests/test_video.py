@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from holitom_cli.errors import ConfigError, VideoError
-from holitom_cli.video import VIDEO_EXTENSIONS, fps_indices, load_video, uniform_indices
+from holitom_cli.limits import DEFAULT_FPS_MAX_FRAMES, MAX_FRAMES
+from holitom_cli.video import VIDEO_EXTENSIONS, fps_indices, load_video, probe_video, uniform_indices
 
 
 def _all_frames_rgb(path) -> list[np.ndarray]:
@@ -206,3 +207,113 @@ def test_invalid_sampling_settings(sample_video, kwargs):
 def test_video_extensions():
     assert ".mp4" in VIDEO_EXTENSIONS and ".mkv" in VIDEO_EXTENSIONS
     assert all(ext.startswith(".") and ext == ext.lower() for ext in VIDEO_EXTENSIONS)
+
+
+# ----------------------------------------------------------------------------- hostile inputs (issue 9)
+
+
+def _header_without_frames(make_video, tmp_path):
+    """An mp4 whose container is intact (it opens, claims 24 frames) but whose frame data is zeroed."""
+    data = bytearray(make_video(frames=24).read_bytes())
+    at = data.find(b"mdat")
+    size = int.from_bytes(data[at - 4 : at], "big")
+    data[at + 4 : at - 4 + size] = bytes(size - 8)
+    path = tmp_path / "header-only.mp4"
+    path.write_bytes(bytes(data))
+    cap = cv2.VideoCapture(str(path))
+    assert cap.isOpened() and cap.get(cv2.CAP_PROP_FRAME_COUNT) == 24 and not cap.read()[0]  # premise
+    cap.release()
+    return path
+
+
+@pytest.mark.parametrize("loader", [load_video, probe_video], ids=["load_video", "probe_video"])
+def test_hostile_files_are_video_errors(loader, tmp_path, make_video):
+    """Each case is refused with its own reason, never an OSError or a blocked read (FIFO)."""
+    fifo = tmp_path / "pipe.mp4"
+    os.mkfifo(fifo)  # opening it for reading would block until a writer comes: stat() must come first
+    cases = {
+        "pipe (fifo)": fifo,
+        "device": "/dev/null",
+        "url": "https://example.com/clip.mp4",
+        "too long": tmp_path / ("x" * 300 + ".mp4"),
+        "no frames": _header_without_frames(make_video, tmp_path),
+        "directory": tmp_path,
+    }
+    for words, path in cases.items():
+        with pytest.raises(VideoError) as info:
+            loader(path)
+        message = info.value.message.lower()
+        assert any(word in message for word in words.split()), (words, message)
+        assert info.value.hint, words
+    assert "https://example.com/clip.mp4" in _message(loader, cases["url"])  # the URL as typed, "//" kept
+
+
+def _message(loader, path) -> str:
+    with pytest.raises(VideoError) as info:
+        loader(path)
+    return info.value.message
+
+
+def test_probe_video_reads_the_container(make_video):
+    meta = probe_video(make_video(frames=30, fps=10.0, size=(96, 64)))
+    assert (meta.frame_count, meta.width, meta.height) == (30, 96, 64)
+    assert meta.fps == pytest.approx(10.0)
+
+
+def test_frame_caps(make_video):
+    with pytest.raises(ConfigError, match=str(MAX_FRAMES)):
+        load_video(make_video(frames=3), num_frames=MAX_FRAMES + 1)
+    with pytest.raises(ConfigError, match=str(MAX_FRAMES)):
+        load_video(make_video(frames=3), fps=1.0, max_frames=MAX_FRAMES + 1)
+
+
+def test_fps_without_max_frames_is_capped_and_each_frame_is_taken_once(make_video):
+    path = make_video(frames=DEFAULT_FPS_MAX_FRAMES + 16, fps=10.0, size=(32, 32))
+    clip = load_video(path, fps=1e9)  # far above the video's 10 fps
+    assert clip.num_frames == DEFAULT_FPS_MAX_FRAMES
+    assert len(set(clip.indices)) == len(clip.indices)
+    assert clip.sampling["max_frames"] == DEFAULT_FPS_MAX_FRAMES
+    every = load_video(path, fps=1e9, max_frames=MAX_FRAMES)  # room for all: every source frame, once
+    assert every.indices == list(range(DEFAULT_FPS_MAX_FRAMES + 16))
+
+
+def test_fps_indices_extremes():
+    assert fps_indices(100, 30.0, 5e-324, None) == [0]  # video_fps / fps overflows to inf: no OverflowError
+    assert fps_indices(12, 30.0, 1e9, None) == list(range(12))
+    # a container claiming 10**15 frames: the candidates are counted, not listed
+    huge = fps_indices(10**15, 30.0, 30.0, 64)
+    assert len(huge) == 64 and huge[0] == 0 and huge[-1] == 10**15 - 1
+
+
+def test_frames_of_another_size_are_resized_to_the_first(make_video, monkeypatch):
+    import holitom_cli.video as video
+
+    path = make_video(frames=8, size=(96, 64))
+    real = video._read
+
+    def mixed(source, wanted):
+        frames, decoded, ended = real(source, wanted)
+        frames[-1] = cv2.resize(frames[-1], (48, 32))  # a stream whose resolution changes midway
+        return frames, decoded, ended
+
+    monkeypatch.setattr(video, "_read", mixed)
+    clip = load_video(path, num_frames=4)
+    assert clip.frames.shape == (4, 64, 96, 3)
+
+
+def test_opencv_never_sees_the_users_file_name(make_video, tmp_path, monkeypatch):
+    """OpenCV opens a plain ASCII alias in a private folder that is removed afterwards."""
+    import holitom_cli.video as video
+
+    private = tmp_path / "tmp"
+    private.mkdir()
+    monkeypatch.setattr(video.tempfile, "tempdir", str(private))
+    source = tmp_path / "http:weird %d name.mp4"
+    source.write_bytes(make_video(frames=6).read_bytes())
+    opened: list[str] = []
+    real_open = video._open
+    monkeypatch.setattr(video, "_open", lambda p: opened.append(str(p)) or real_open(p))
+    clip = load_video(source, num_frames=3)
+    assert clip.num_frames == 3 and clip.meta.path == str(source)
+    assert opened and all(name.isascii() and os.path.basename(name) == "video.mp4" for name in opened)
+    assert list(private.iterdir()) == []  # the alias folder is gone
