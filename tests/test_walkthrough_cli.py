@@ -163,6 +163,36 @@ def test_verbose_shows_the_inner_layer_used(tiny_model_dir, video):
     assert "4 of 6 (automatic)" in row and "None" not in row
 
 
+def test_merge_map_captions_name_the_preset_and_the_layer():
+    import dataclasses
+
+    from holitom_cli.cli.inspect_cmd import merge_map_caption
+    from holitom_cli.compression import get_preset
+
+    plain = merge_map_caption(Path("a.mp4"), "m", None, get_preset("balanced"), 0.1, 28)
+    assert "preset balanced (retain 20%, tau 0.80, inner merge at layer 18 of 28, 50%)" in plain
+    changed = merge_map_caption(
+        Path("a.mp4"), "m", "fast", dataclasses.replace(get_preset("fast"), tau=0.7), 0.1, 28
+    )
+    assert "preset custom (from fast) (retain 15%, tau 0.70," in changed
+
+
+def test_explain_caption_names_the_preset(tiny_model_dir, video, tmp_path, monkeypatch):
+    import holitom_cli.render as render
+
+    captions = []
+    real = render.save_merge_map
+    monkeypatch.setattr(
+        render, "save_merge_map", lambda *a, **k: captions.append(k["caption"]) or real(*a, **k)
+    )
+    result = ask(tiny_model_dir, video, QUESTION, "--tau", "0.7", "--explain", tmp_path / "m.png", "--quiet")
+    assert result.exit_code == 0, result.stderr
+    assert (
+        "preset custom (from balanced) · retain 20%, tau 0.70 · inner merge at layer 4 of 6, 50%"
+        in captions[0]
+    )
+
+
 def test_preset_record_from_settings():
     from holitom_cli.compression import get_preset
 

@@ -125,8 +125,10 @@ def ask_command(
         Spinner,
         answer_record,
         prepare_with_progress,
+        preset_record,
         print_comparison,
         print_report,
+        settings_line,
         stderr_console,
     )
 
@@ -166,9 +168,9 @@ def ask_command(
     if explain is not None:
         from holitom_cli.render import save_merge_map
 
-        caption = f"{question}  ·  {pipe.model.name}  ·  " + (
-            "no compression" if cfg is None else f"retain {cfg.retain_ratio:.0%}, tau {cfg.tau:.2f}"
-        )
+        stats = answer.stats.to_dict()
+        named = {"config": stats["holitom"], "preset": preset_record(preset, stats["holitom"]), **stats}
+        caption = f"{question}  ·  {pipe.model.name}  ·  {settings_line(named)}"
         grid = prepared.grid[0] if prepared.grid and prepared.grid[0] == prepared.grid[-1] else None
         saved = save_merge_map(
             explain,
