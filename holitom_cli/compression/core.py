@@ -14,10 +14,9 @@ from holitom_cli.compression.spatial import (
     cluster_dpc_knn,
     dynamic_keep_count,
     merge_clusters,
-    select_top_attention,
     static_cluster_count,
 )
-from holitom_cli.compression.temporal import segment_video
+from holitom_cli.compression.temporal import Segmentation, segment_video, working_dtype
 
 __all__ = ["CompressionResult", "compress_video_tokens", "effective_ratio"]
 
@@ -58,55 +57,81 @@ def effective_ratio(retain_ratio: float, num_input: int, reduced: int) -> float:
     return min(retain_ratio / ((num_input - reduced) / num_input), 1.0)
 
 
-def _segment_tokens(
-    features: torch.Tensor,
-    attention: torch.Tensor,
-    start: int,
-    end: int,
-    static: torch.Tensor,
-    ratio: float,
-    cfg: HoliTomConfig,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Temporal + spatial merge of one segment.
+def segment_means(
+    features: torch.Tensor, start: int, end: int, out: torch.Tensor, frame: torch.Tensor | None = None
+) -> torch.Tensor:
+    """(N, C) uniform mean over frames ``start..end`` of every position, accumulated frame by frame.
+
+    ``out`` is a reusable (N, C) working-dtype buffer (float32, float64 for float64 input): the sum runs in
+    that dtype, in frame order; a lower-precision frame is first converted into the reusable ``frame``
+    buffer (same shape), so bf16 input is never copied to float32 as a whole.
+    """
+    out.copy_(features[start])
+    for t in range(start + 1, end + 1):
+        out.add_(features[t] if frame is None else frame.copy_(features[t]))
+    return out.div_(end - start + 1)
+
+
+def _mean_buffers(features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The reusable (N, C) buffers of :func:`segment_means`: an accumulator, and a conversion buffer
+    when the input is not already in the working dtype."""
+    _, num, channels = features.shape
+    work = working_dtype(features.dtype)
+    acc = features.new_empty(num, channels, dtype=work)
+    return acc, (features.new_empty(num, channels, dtype=work) if features.dtype != work else None)
+
+
+def _static_tokens(
+    features: torch.Tensor, start: int, end: int, static_pos: torch.Tensor, ratio: float,
+    cfg: HoliTomConfig, buffers: tuple[torch.Tensor, torch.Tensor | None],
+) -> tuple[torch.Tensor, torch.Tensor] | None:  # fmt: skip
+    """Stage 2 + 3 for the static positions of one multi-frame segment.
+
+    ``buffers``: the two reusable buffers of :func:`segment_means`.
+    Returns (K, C) working-dtype cluster tokens and the (K,) positions of their centres (ascending), or
+    None when ``round(n_s r')`` is 0 (the segment's static tokens vanish).
+    """
+    cluster_num = static_cluster_count(static_pos.numel(), ratio)
+    if cluster_num == 0:
+        return None
+    means = segment_means(features, start, end, *buffers)[static_pos]  # (n_s, C)
+    centres, dist = cluster_dpc_knn(means, cluster_num, min(cfg.dpc_k, cluster_num))
+    return merge_clusters(means, centres, dist, cfg.beta), static_pos[centres]
+
+
+def _dynamic_tokens(
+    attention: torch.Tensor, frame_static: torch.Tensor, keep: torch.Tensor, total: int
+) -> torch.Tensor:
+    """Stage 3 for the dynamic tokens of every frame at once.
 
     Args:
-        features: (T, N, C) float32; attention: (T, N); static: (N,) bool positions merged in this segment.
+        attention: (T, N); frame_static: (T, N) bool, static positions of each frame's segment;
+        keep: (T,) long, dynamic tokens kept per frame; total: ``keep.sum()`` (known on the host).
     Returns:
-        tokens (m, C) float32, frame (m,) long, position (m,) long, is_static (m,) bool, in output order:
-        static cluster tokens ascending, then each frame's kept dynamic tokens ascending.
+        (total,) long flat indices ``t * N + p`` into the (T*N) tokens, frame-major, ascending position
+        inside a frame: per frame the ``keep[t]`` dynamic positions with the highest attention, ties to
+        the lower position.
     """
-    device = features.device
-    parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = []
+    frames, num = attention.shape
+    # stable sorts: by attention (descending), then dynamic before static, preserving that order
+    by_score = torch.sort(attention.float(), dim=1, descending=True, stable=True).indices  # (T, N)
+    static_first = torch.sort(frame_static.gather(1, by_score).to(torch.uint8), dim=1, stable=True).indices
+    order = by_score.gather(1, static_first)  # dynamic positions by attention, then the static ones
+    rank = torch.arange(num, device=attention.device)
+    kept = torch.zeros(frames, num, dtype=torch.bool, device=attention.device)
+    kept.scatter_(1, order, rank[None, :] < keep[:, None])  # (T, N)
+    return torch.nonzero_static(kept.flatten(), size=total).squeeze(1)  # ascending = frame-major order
 
-    static_pos = torch.nonzero(static).squeeze(1)  # (n_s,)
-    cluster_num = static_cluster_count(static_pos.numel(), ratio)
-    if cluster_num > 0:
-        means = features[start : end + 1, static_pos].mean(dim=0)  # (n_s, C) segment mean
-        centres, dist = cluster_dpc_knn(means, cluster_num, min(cfg.dpc_k, cluster_num))
-        merged = merge_clusters(means, centres, dist, cfg.beta)  # (K, C)
-        count = centres.numel()
-        parts.append(
-            (
-                merged,
-                torch.full((count,), start, dtype=torch.long, device=device),
-                static_pos[centres],
-                torch.ones(count, dtype=torch.bool, device=device),
-            )
-        )
 
-    dynamic_pos = torch.nonzero(~static).squeeze(1)  # (n_d,)
-    keep = dynamic_keep_count(dynamic_pos.numel(), ratio)
-    if keep > 0:
-        mask = select_top_attention(attention[start : end + 1, dynamic_pos], keep)  # (L, n_d)
-        rows, cols = torch.nonzero(mask, as_tuple=True)  # frame-major, ascending position
-        frame = rows + start
-        pos = dynamic_pos[cols]
-        parts.append((features[frame, pos], frame, pos, torch.zeros_like(frame, dtype=torch.bool)))
-
-    if not parts:
-        empty = torch.empty(0, dtype=torch.long, device=device)
-        return features.new_empty(0, features.shape[2]), empty, empty, empty.bool()
-    return tuple(torch.cat(items) for items in zip(*parts, strict=True))  # type: ignore[return-value]
+def _plan(seg: Segmentation, num: int, ratio: float) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """On the host: (static positions (N,) bool per segment, dynamic tokens kept per frame (T,) long)."""
+    run = seg.run.cpu()  # (T, N), the one device-to-host transfer of the plan
+    masks, keep = [], []
+    for s, e in seg.segments:
+        static = run[s] >= e - s if e > s else torch.zeros(num, dtype=torch.bool)
+        masks.append(static)
+        keep += [dynamic_keep_count(num - int(static.sum()), ratio)] * (e - s + 1)
+    return masks, torch.tensor(keep, dtype=torch.long)
 
 
 def compress_video_tokens(
@@ -132,22 +157,54 @@ def compress_video_tokens(
     seg = segment_video(features, cfg.tau, cfg.max_window)
     num_input = frames * num
     ratio = effective_ratio(cfg.retain_ratio, num_input, seg.reduced)
+    device = features.device
 
-    x32 = features.float()
-    attn = attention.float()
-    masks, outputs = [], []
-    for start, end in seg.segments:
-        static = seg.static_mask((start, end))
-        masks.append(static)
-        outputs.append(_segment_tokens(x32, attn, start, end, static, ratio, cfg))
-    tokens, frame_index, spatial_index, is_static = (torch.cat(items) for items in zip(*outputs, strict=True))
+    masks, keep = _plan(seg, num, ratio)  # host
+    static_mask = torch.stack(masks)  # (S, N)
+    lengths = [e - s + 1 for s, e in seg.segments]
+    frame_static = torch.cat([m.expand(n, num) for m, n in zip(masks, lengths, strict=True)])  # (T, N)
+    flat = _dynamic_tokens(attention, frame_static.to(device), keep.to(device), int(keep.sum()))  # (M_d,)
+    dyn_offset = [0, *torch.cumsum(keep, 0).tolist()]  # host: dynamic tokens before frame t
+
+    # Static cluster tokens per multi-frame segment (stage 2 + 3); sizes are host integers.
+    buffers = _mean_buffers(features)
+    clusters: list[tuple[torch.Tensor, torch.Tensor] | None] = []
+    for (start, end), static in zip(seg.segments, masks, strict=True):
+        static_pos = torch.nonzero(static).squeeze(1).to(device)  # host mask: no device sync
+        clusters.append(
+            _static_tokens(features, start, end, static_pos, ratio, cfg, buffers) if end > start else None
+        )
+
+    # Output in "one_token" order, written in place: per segment its clusters, then its dynamic tokens.
+    sizes = [(0 if c is None else c[0].shape[0], dyn_offset[e + 1] - dyn_offset[s]) for c, (s, e) in
+             zip(clusters, seg.segments, strict=True)]  # fmt: skip
+    tokens = features.new_empty(sum(a + b for a, b in sizes), features.shape[2])  # (M, C)
+    flat_features = features.reshape(frames * num, features.shape[2])
+    index_parts, static_parts, row = [], [], 0
+    for (start, end), cluster, (n_static, n_dyn) in zip(seg.segments, clusters, sizes, strict=True):
+        if cluster is not None:
+            tokens[row : row + n_static].copy_(cluster[0])  # cast to the input dtype
+            index_parts.append(cluster[1] + start * num)
+            static_parts.append(torch.ones(n_static, dtype=torch.bool, device=device))
+            row += n_static
+        if n_dyn:
+            a, b = dyn_offset[start], dyn_offset[end + 1]
+            torch.index_select(flat_features, 0, flat[a:b], out=tokens[row : row + n_dyn])
+            index_parts.append(flat[a:b])
+            static_parts.append(torch.zeros(n_dyn, dtype=torch.bool, device=device))
+            row += n_dyn
+    empty = torch.empty(0, dtype=torch.long, device=device)
+    flat_index = torch.cat(index_parts) if index_parts else empty  # (M,) t * N + p
+    is_static = torch.cat(static_parts) if static_parts else empty.bool()
+    frame_index = torch.div(flat_index, num, rounding_mode="floor")
+    spatial_index = flat_index - frame_index * num
     return CompressionResult(
-        features=tokens.to(features.dtype),
+        features=tokens,
         frame_index=frame_index,
         spatial_index=spatial_index,
         is_static=is_static,
         segments=list(seg.segments),
-        static_mask=torch.stack(masks),
+        static_mask=static_mask.to(device),
         num_input=num_input,
         reduced=int(seg.reduced),
         num_after_temporal=num_input - int(seg.reduced),

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["inner_keep_count", "merge_visual_states"]
+__all__ = ["fold_members", "inner_keep_count", "merge_visual_states", "most_similar"]
 
 
 def inner_keep_count(num_visual: int, prune_ratio: float) -> int:
@@ -44,8 +44,9 @@ def merge_visual_states(
         kept_index: (K,) long, ascending positions (into the span) of the kept tokens,
         with ``K = round(L * (1 - prune_ratio))`` (at least 1 for a non-empty span).
 
-    Ties in ``scores`` keep the lower position; ties in similarity pick the lower kept position.
-    The averaging weights and the similarity are computed in float32.
+    Ties in ``scores`` keep the lower position. The similarity is computed in ``hidden``'s dtype exactly
+    as the reference does (see :func:`most_similar`; ties pick the kept token with the higher score, the
+    reference's top-k order); the averaging weights and sums in float32.
     """
     if hidden.dim() != 2:
         raise ValueError(f"hidden must be (L, C), got shape {tuple(hidden.shape)}")
@@ -59,29 +60,54 @@ def merge_visual_states(
     if keep >= num:
         return hidden, torch.arange(num, device=device, dtype=torch.long)
 
-    # Stable descending sort: among equal scores the lower position wins (deterministic top-k).
-    order = torch.sort(scores.float(), descending=True, stable=True).indices
-    kept_index = torch.sort(order[:keep]).values  # (K,) ascending
-    is_kept = torch.zeros(num, dtype=torch.bool, device=device)
-    is_kept[kept_index] = True
-    pruned_index = torch.nonzero(~is_kept).squeeze(1)  # (P,) ascending
+    # Stable descending sort: among equal scores the lower position wins (deterministic top-k). Every
+    # size below is known on the host, so nothing here waits for the device (no nonzero / bincount).
+    order = torch.sort(scores.float(), descending=True, stable=True).indices  # (L,)
+    by_score = order[:keep]  # (K,) kept tokens in the reference's top-k order
+    kept_index, to_ascending = torch.sort(by_score)  # (K,) ascending; kept_index[j] = by_score[perm[j]]
+    pruned_index = torch.sort(order[keep:]).values  # (P,) ascending
+    target = most_similar(hidden[pruned_index], hidden[by_score])  # (P,) slot in by_score
+    slot = torch.empty_like(to_ascending).scatter_(0, to_ascending, torch.arange(keep, device=device))
+    target = slot[target]  # (P,) slot in kept_index
+    return fold_members(hidden, kept_index, pruned_index, target), kept_index
 
-    h32 = hidden.float()
-    unit = torch.nn.functional.normalize(h32, dim=-1, eps=1e-12)
-    sim = unit[pruned_index] @ unit[kept_index].T  # (P, K) cosine similarity
-    target = sim.argmax(dim=1)  # (P,) slot in kept_index; first maximum on ties
 
+def most_similar(pruned: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
+    """For every pruned state (P, C) the slot of its most cosine-similar kept state (K, C): (P,) long.
+
+    Computed like the reference, in the states' dtype (bf16/fp16 in a model): norms, one batched matrix
+    product, ``dot / (|p| |k|)``, first maximum on ties. In half precision this rounding decides which kept
+    token a pruned token joins, so we keep it; the only change is that a zero-norm pair gives similarity
+    0 instead of NaN.
+    """
+    pruned_norm = torch.norm(pruned, dim=-1, keepdim=True)  # (P, 1)
+    kept_norm = torch.norm(kept, dim=-1, keepdim=True)  # (K, 1)
+    sim = torch.bmm(pruned[None], kept[None].transpose(1, 2))[0]  # (P, K) dot products
+    sim.div_((pruned_norm * kept_norm.T).clamp_min_(torch.finfo(sim.dtype).tiny))
+    return sim.max(dim=-1).indices
+
+
+def fold_members(
+    hidden: torch.Tensor, kept_index: torch.Tensor, pruned_index: torch.Tensor, target: torch.Tensor
+) -> torch.Tensor:
+    """The closed form of the sequential pairwise average, in float32: (K, C) in ``hidden``'s dtype.
+
+    Args:
+        hidden: (L, C); kept_index: (K,) ascending; pruned_index: (P,) ascending; target: (P,) slot in
+        ``kept_index`` of each pruned token.
+    """
+    keep, device = kept_index.numel(), hidden.device
     # m = members per kept slot; within a slot the members are in ascending position order.
-    members = torch.bincount(target, minlength=keep)  # (K,)
+    members = torch.zeros(keep, dtype=torch.long, device=device)
+    members.scatter_add_(0, target, torch.ones_like(target))  # (K,), no bincount: no device sync
     by_slot = torch.sort(target, stable=True).indices  # pruned tokens grouped by slot, ascending inside
     slot_sorted = target[by_slot]
     group_start = torch.cumsum(members, 0) - members  # (K,)
     rank_in_slot = torch.arange(by_slot.numel(), device=device) - group_start[slot_sorted]  # j - 1
     # weight of member j (1-based) is 2^-(m - j + 1) = 2^-(m - rank_in_slot)
-    exponent = (members[slot_sorted] - rank_in_slot).float()
-    member_weight = torch.pow(2.0, -exponent)  # (P,)
+    member_weight = torch.pow(2.0, -(members[slot_sorted] - rank_in_slot).float())  # (P,)
     kept_weight = torch.pow(2.0, -members.float())  # (K,)
 
-    merged = h32[kept_index] * kept_weight[:, None]
-    merged.index_add_(0, slot_sorted, h32[pruned_index[by_slot]] * member_weight[:, None])
-    return merged.to(hidden.dtype), kept_index
+    merged = hidden[kept_index].float().mul_(kept_weight[:, None])  # (K, C)
+    merged.index_add_(0, slot_sorted, hidden[pruned_index[by_slot]].float().mul_(member_weight[:, None]))
+    return merged.to(hidden.dtype)
