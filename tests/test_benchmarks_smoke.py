@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -163,3 +164,139 @@ def test_e2e_runs_on_the_tiny_model(tiny_model_dir: Path, sample_video: Path, tm
     assert fast["prefill_speedup"] == pytest.approx(base["prefill_s"] / fast["prefill_s"])
     assert "| fastest |" in (tmp_path / "e2e_tiny.md").read_text()
     assert Image.open(tmp_path / "ttft.png").size[0] == 1000
+
+
+# ------------------------------------------------------------------------------------------ vs reference
+def _ours_as_reference(features: torch.Tensor, attention: torch.Tensor, cfg) -> dict:
+    from holitom_cli.compression import compress_video_tokens
+
+    out = compress_video_tokens(features, attention, cfg)
+    return {"features": out.features.clone(), "segments": list(out.segments), "reduced": out.reduced,
+            "ratio": out.effective_ratio}  # fmt: skip
+
+
+def test_vs_reference_outer_agreement_logic() -> None:
+    """The agreement check accepts an identical output and flags each kind of difference."""
+    from benchmarks.vs_reference import outer_agreement
+    from holitom_cli.compression import HoliTomConfig, compress_video_tokens
+
+    feats, scores, _ = synthetic_features(12, 49, 32, seed=1, mean_scene=5, dtype=torch.float32)
+    cfg = HoliTomConfig(retain_ratio=0.25)
+    ours = compress_video_tokens(feats, scores, cfg)
+    same = outer_agreement(ours, _ours_as_reference(feats, scores, cfg), feats, cfg.tau)
+    assert same["plan_equal"] and same["max_abs_diff"] == 0.0 and same["decisions_differing"] == 0
+    shifted = _ours_as_reference(feats, scores, cfg)
+    shifted["features"][3] += 0.5
+    assert outer_agreement(ours, shifted, feats, cfg.tau)["max_abs_diff"] == pytest.approx(0.5)
+    for key, value in [("segments", [(0, 11)]), ("reduced", ours.reduced + 1), ("ratio", 0.3)]:
+        other = _ours_as_reference(feats, scores, cfg)
+        other[key] = value
+        row = outer_agreement(ours, other, feats, cfg.tau)
+        assert not row["plan_equal"] and row["max_abs_diff"] is None
+
+
+def test_vs_reference_inner_agreement_logic() -> None:
+    from benchmarks.vs_reference import inner_agreement, inner_inputs, our_joins
+    from holitom_cli.compression import merge_visual_states
+
+    hidden, scores = inner_inputs(40, 16, torch.float32, seed=2)
+    merged, kept = merge_visual_states(hidden, scores, 0.5)
+    joins = our_joins(hidden, scores, 0.5)
+    assert joins.shape == (20,) and set(joins.tolist()) <= set(kept.tolist())
+    ref = {"kept": kept.clone(), "joins": joins.clone()}
+    row = inner_agreement((merged, kept), (merged.clone(), kept), joins, ref)
+    assert row == {"kept_equal": True, "joins_equal": True, "joins_differing": 0, "max_abs_diff": 0.0}
+    ref["joins"] = joins.roll(1)
+    assert not inner_agreement((merged, kept), (merged, kept), joins, ref)["joins_equal"]
+    ref["kept"] = kept + 1
+    assert inner_agreement((merged, kept), (merged, kept), joins, ref)["kept_equal"] is False
+
+
+FAKE_ARCH = """
+from llava.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
+from llava.mm_utils import get_anyres_image_grid_shape
+from llava.utils import rank0_print
+
+
+class LlavaMetaForCausalLM_holitom:
+    def cluster_dpc_knn(self, *a): raise NotImplementedError
+    def select_static_windows(self, *a): raise NotImplementedError
+    def merge_tokens_by_clustering(self, *a): raise NotImplementedError
+    def merge_tokens_by_attention_density(self, *a): raise NotImplementedError
+    def merge_tokens_by_density(self, *a): raise NotImplementedError
+    def holitom(self, *a): raise NotImplementedError
+    def get_static_dynamic_features(self, *a): raise NotImplementedError
+"""
+
+# A stand-in for the reference's inner block, in our own words: the same variable names, computed with
+# holitom's own functions, then (SHIFT) optionally every join moved to the next kept token.
+FAKE_QWEN2 = """
+class Qwen2Model_holitom:
+    def forward(self):
+        if True:
+            top_attention_rank_index = last_layer_attention_avg_last_tok_image.topk(
+                round(HOLITOM_image_token_length * (1 - HOLITOM_r))).indices
+            from holitom_cli.compression.inner import fold_members, most_similar
+            device = hidden_states.device
+            keep = top_attention_rank_index.numel()
+            rest = torch.ones(HOLITOM_image_token_length, dtype=torch.bool)
+            rest[top_attention_rank_index] = False
+            non_topk_indices = torch.nonzero(rest).squeeze(1)
+            sim_max_index = (most_similar(hidden_states[0, non_topk_indices],
+                                          hidden_states[0, top_attention_rank_index]) + SHIFT) % keep
+            sim_max_index = sim_max_index[None]
+            kept, perm = torch.sort(top_attention_rank_index)
+            slot = torch.empty_like(perm).scatter_(0, perm, torch.arange(keep))
+            merged = fold_members(hidden_states[0], kept, non_topk_indices, slot[sim_max_index[0]])
+            hidden_states[0, kept] = merged
+            keep_indexs = kept
+            hidden_states = hidden_states[:, keep_indexs, :]
+"""
+
+
+def _fake_clone(root: Path, shift: int) -> Path:
+    (root / "holitom").mkdir(parents=True)
+    (root / "holitom" / "llava_arch.py").write_text(FAKE_ARCH)
+    (root / "holitom" / "modeling_qwen2.py").write_text(FAKE_QWEN2.replace("SHIFT", str(shift)))
+    return root
+
+
+@pytest.mark.parametrize("shift", [0, 1])
+def test_vs_reference_main_on_a_fake_clone(tmp_path: Path, shift: int) -> None:
+    """Loader (llava stubs, extraction of the inner block), timing, agreement and report, end to end."""
+    from benchmarks import vs_reference
+
+    clone = _fake_clone(tmp_path / "clone", shift)
+    data = vs_reference.main(
+        ["--reference", str(clone), "--frames", "--channels", "896", "--dtypes", "float32",
+         "--inner-lengths", "30", "--repeats", "2", "--out", str(tmp_path), "--name", "vs"]
+    )  # fmt: skip
+    (row,) = data["rows"]
+    assert row["stage"] == "inner" and row["kept_equal"]
+    assert row["joins_equal"] is (shift == 0)
+    assert len(row["ours_runs_s"]) == len(row["ref_runs_s"]) == 2
+    assert row["speedup_min"] == pytest.approx(min(row["ref_runs_s"]) / min(row["ours_runs_s"]))
+    assert "| float32 | 896 | 30 |" in (tmp_path / "vs.md").read_text()
+    import sys as _sys
+
+    assert "llava" not in _sys.modules  # the stubs are removed again
+
+
+REFERENCE = os.environ.get("HOLITOM_REFERENCE", "")
+
+
+@pytest.mark.skipif(
+    not (REFERENCE and Path(REFERENCE, "holitom", "llava_arch.py").is_file()),
+    reason="set HOLITOM_REFERENCE to a clone of cokeshao/HoliTom to compare against the official code",
+)
+def test_vs_reference_agrees_with_the_official_code(tmp_path: Path) -> None:
+    from benchmarks import vs_reference
+
+    data = vs_reference.main(
+        ["--reference", REFERENCE, "--frames", "6", "12", "--channels", "896", "--dtypes", "float32",
+         "--inner-lengths", "50", "--repeats", "1", "--warmup", "0", "--no-memory",
+         "--out", str(tmp_path)]
+    )  # fmt: skip
+    for row in data["rows"]:
+        assert row.get("plan_equal", True) and row.get("joins_equal", True), row
+        assert row["max_abs_diff"] < 1e-5
