@@ -165,3 +165,37 @@ def test_reference_cases_exercise_three_or_more_clusters() -> None:
         for s, e in out.segments:
             seen += int((out.is_static & (out.frame_index == s)).sum() >= 3 and e > s)
     assert seen >= 5
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("chunk_frames", [1, 3, 100])
+@pytest.mark.parametrize(("seed", "retain", "tau", "window"), CASES[:5])
+def test_every_input_dtype_gives_the_plan_of_its_values(
+    monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype, chunk_frames: int, seed: int, retain: float,
+    tau: float, window: int,
+) -> None:  # fmt: skip
+    """bf16 / fp16 / float32 input: the plan is the spec's plan on exactly those values (float64 loop),
+    whatever the chunking of the similarity pass (1 frame, 3 frames, all frames per chunk)."""
+    from holitom_cli.compression import temporal
+
+    features, attention = scene_video(seed, frames=7 + seed % 4, num=25 + 11 * (seed % 3), dim=24)
+    features = features.to(dtype)
+    monkeypatch.setattr(temporal, "CPU_CHUNK_BYTES", chunk_frames * features[0].numel() * 4)
+    cfg = HoliTomConfig(retain_ratio=retain, tau=tau, max_window=window)
+    out = compress_video_tokens(features, attention, cfg)
+    segments, reduced, ratio, tokens, frames, positions, flags = loop_compress(
+        features.double(), attention, cfg
+    )
+    assert out.features.dtype == dtype
+    assert (out.segments, out.reduced, out.effective_ratio) == (segments, reduced, ratio)
+    assert (out.frame_index.tolist(), out.spatial_index.tolist(), out.is_static.tolist()) == (
+        frames,
+        positions,
+        flags,
+    )
+    # tokens: the float64 result rounded once to the input dtype (kept dynamic tokens exactly)
+    expected = torch.stack(tokens).to(dtype)
+    tol = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-3}[dtype]
+    torch.testing.assert_close(out.features.double(), expected.double(), rtol=tol, atol=tol)
+    dynamic = ~out.is_static
+    assert torch.equal(out.features[dynamic], features[out.frame_index[dynamic], out.spatial_index[dynamic]])

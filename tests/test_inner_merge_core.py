@@ -93,3 +93,48 @@ def test_bad_shapes_and_ratio_raise() -> None:
         merge_visual_states(torch.randn(4, 3), torch.rand(5), 0.5)
     with pytest.raises(ValueError):
         merge_visual_states(torch.randn(4, 3), torch.rand(4), 1.0)
+
+
+def test_similarity_ties_join_the_higher_scored_kept_token() -> None:
+    """The reference takes the first maximum in its top-k order (descending score); so do we."""
+    k_low = torch.tensor([1.0, 2.0, 0.5])
+    hidden = torch.stack([k_low, 2 * k_low, torch.tensor([1.0, 1.0, 1.0])])  # 0 and 1: same direction
+    scores = torch.tensor([0.5, 0.9, 0.1])  # keep 0 and 1; position 1 has the higher score
+    merged, kept = merge_visual_states(hidden, scores, prune_ratio=0.34)
+    assert kept.tolist() == [0, 1]
+    torch.testing.assert_close(merged[0], hidden[0])  # untouched
+    torch.testing.assert_close(merged[1], (hidden[1] + hidden[2]) / 2)
+
+
+def reference_formula_joins(hidden: torch.Tensor, scores: torch.Tensor, prune_ratio: float) -> list[int]:
+    """Joins computed the way spec 5 describes the reference, in the states' own dtype (a loop over rows)."""
+    num = hidden.shape[0]
+    keep = round(num * (1 - prune_ratio))
+    by_score = sorted(range(num), key=lambda i: (-float(scores[i]), i))[:keep]  # top-k order
+    pruned = [i for i in range(num) if i not in by_score]
+    kept_states = hidden[by_score]
+    kept_norm = torch.norm(kept_states, dim=-1)
+    joins = []
+    for i in pruned:
+        dots = torch.bmm(hidden[i][None, None], kept_states.T[None])[0, 0]  # (K,) in hidden's dtype
+        sim = dots / (torch.norm(hidden[i]) * kept_norm)
+        joins.append(by_score[int(torch.argmax(sim))])  # first maximum
+    return joins
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_joins_follow_the_reference_precision(dtype: torch.dtype) -> None:
+    from holitom_cli.compression.inner import merge_plan
+
+    gen = torch.Generator().manual_seed(11)
+    base = torch.randn(6, 48, generator=gen)
+    hidden = (base[torch.randint(6, (90,), generator=gen)] + 0.05 * torch.randn(90, 48, generator=gen)).to(
+        dtype
+    )
+    scores = torch.rand(90, generator=gen)
+    kept, _, target = merge_plan(hidden, scores, 45)
+    assert kept[target].tolist() == reference_formula_joins(hidden, scores, 0.5)
+    if dtype == torch.bfloat16:
+        # ... and this case is one where the precision matters: float32 similarities join differently
+        kept32, _, target32 = merge_plan(hidden.float(), scores, 45)
+        assert kept32[target32].tolist() != kept[target].tolist()

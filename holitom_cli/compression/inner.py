@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["fold_members", "inner_keep_count", "merge_visual_states", "most_similar"]
+__all__ = ["fold_members", "inner_keep_count", "merge_plan", "merge_visual_states", "most_similar"]
 
 
 def inner_keep_count(num_visual: int, prune_ratio: float) -> int:
@@ -60,16 +60,31 @@ def merge_visual_states(
     if keep >= num:
         return hidden, torch.arange(num, device=device, dtype=torch.long)
 
-    # Stable descending sort: among equal scores the lower position wins (deterministic top-k). Every
-    # size below is known on the host, so nothing here waits for the device (no nonzero / bincount).
+    kept_index, pruned_index, target = merge_plan(hidden, scores, keep)
+    return fold_members(hidden, kept_index, pruned_index, target), kept_index
+
+
+def merge_plan(
+    hidden: torch.Tensor, scores: torch.Tensor, keep: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Who is kept and where every pruned token goes.
+
+    Args:
+        hidden: (L, C); scores: (L,); keep: K, 1 <= K < L.
+    Returns:
+        kept_index (K,) ascending, pruned_index (P,) ascending, target (P,) slot in ``kept_index`` of the
+        kept token each pruned token joins. Every size is known on the host: nothing here waits for the
+        device (no nonzero, no bincount, no item).
+    """
+    device = hidden.device
+    # Stable descending sort: among equal scores the lower position wins (deterministic top-k).
     order = torch.sort(scores.float(), descending=True, stable=True).indices  # (L,)
     by_score = order[:keep]  # (K,) kept tokens in the reference's top-k order
-    kept_index, to_ascending = torch.sort(by_score)  # (K,) ascending; kept_index[j] = by_score[perm[j]]
+    kept_index, to_ascending = torch.sort(by_score)  # kept_index[j] = by_score[to_ascending[j]]
     pruned_index = torch.sort(order[keep:]).values  # (P,) ascending
     target = most_similar(hidden[pruned_index], hidden[by_score])  # (P,) slot in by_score
     slot = torch.empty_like(to_ascending).scatter_(0, to_ascending, torch.arange(keep, device=device))
-    target = slot[target]  # (P,) slot in kept_index
-    return fold_members(hidden, kept_index, pruned_index, target), kept_index
+    return kept_index, pruned_index, slot[target]
 
 
 def most_similar(pruned: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
