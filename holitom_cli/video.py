@@ -232,8 +232,10 @@ def _check_file(path: Path) -> None:
 
 
 def _safe_suffix(path: Path) -> str:
-    suffix = path.suffix
-    return suffix.lower() if re.fullmatch(r"\.[A-Za-z0-9]{1,8}", suffix) else ""
+    """The alias keeps a known video extension (a hint for FFmpeg); any other is dropped, so that FFmpeg
+    detects the format from the content alone (with ``.txt`` it would render the text as a "tty" video)."""
+    suffix = path.suffix.lower()
+    return suffix if suffix in VIDEO_EXTENSIONS else ""
 
 
 class _Source(str):
