@@ -1,18 +1,20 @@
 """Scaling: cost of the outer compression stage alone vs video length, against the LLM prefill it saves.
 
-For T = 8 ... 256 frames, N = 196 tokens per frame and C = 896 (LLaVA-OV-0.5B) / 3584 (LLaVA-OV-7B):
+For T = 8 ... 512 frames, N = 196 tokens per frame and C = 896 (LLaVA-OV-0.5B) / 3584 (LLaVA-OV-7B):
 
 - input: synthetic features with realistic temporal redundancy (``benchmarks.synthetic``: slowly drifting
   per-position vectors with per-position noise, a moving object, random scene cuts), in the model dtype;
 - compression time: ``compress_video_tokens`` with one preset, median of ``--repeats`` after a warm-up, and
   the segmentation step (similarities + gain table + dynamic programme) timed on its own;
 - compression memory: peak bytes allocated by torch during one extra call, above the inputs
-  (``torch.profiler`` memory events; on CUDA ``torch.cuda.max_memory_allocated``);
+  (``torch.profiler`` memory events; on CUDA ``torch.cuda.max_memory_allocated``), also as a multiple of
+  the input's size; time also per frame (linear scaling = a constant ms per frame);
 - LLM prefill: estimated from ONE decoder layer of the real Qwen2 shape timed at a few sequence lengths
   (``benchmarks.prefill_model``), times the number of layers; baseline = T*N + 1 + text tokens, HoliTom =
   the compressed count with the inner-LLM stage at the preset's layer K.
 
-``python -m benchmarks.scaling [--frames 8 16 32 64 128 256] [--channels 896 3584] [--preset balanced]``
+``python -m benchmarks.scaling [--frames 8 16 32 64 128 256 512] [--channels 896 3584] [--preset balanced]
+[--no-prefill] [--threads 2]`` (``--no-prefill``: the compression alone, without timing decoder layers)
 """
 
 from __future__ import annotations
@@ -94,6 +96,8 @@ def measure_compression(
         "compress_runs_s": times,
         "peak_mb": peak / 2**20,
         "input_mb": feats.numel() * feats.element_size() / 2**20,
+        "peak_x_input": peak / (feats.numel() * feats.element_size()),
+        "ms_per_frame": 1e3 * median(times) / frames,
     }
 
 
@@ -112,6 +116,17 @@ def add_prefill(row: dict[str, Any], curve: LayerCurve, cfg: Any, text_tokens: i
     row["prefill_extrapolated"] = curve.extrapolated(base_tokens)
 
 
+def _prefill_cells(r: dict[str, Any], mark: str) -> list[Any]:
+    if "prefill_baseline_s" not in r:  # --no-prefill
+        return ["-", "-", "-", "-"]
+    return [
+        f"{r['prefill_baseline_s']:,.1f}{mark}",
+        r["prefill_holitom_s"],
+        r["prefill_saved_s"],
+        f"{r['compress_pct_of_baseline_prefill']:.3f}",
+    ]
+
+
 def markdown(rows: list[dict[str, Any]], curves: dict[str, LayerCurve], preset: str, info: dict) -> str:
     headers = [
         "C",
@@ -123,6 +138,8 @@ def markdown(rows: list[dict[str, Any]], curves: dict[str, LayerCurve], preset: 
         "of which segmentation ms",
         "peak MB",
         "features MB",
+        "peak x input",
+        "ms per frame",
         "baseline prefill s",
         "HoliTom prefill s",
         "saved s",
@@ -130,7 +147,7 @@ def markdown(rows: list[dict[str, Any]], curves: dict[str, LayerCurve], preset: 
     ]
     table = []
     for r in rows:
-        mark = " (extrap.)" if r["prefill_extrapolated"] else ""
+        mark = " (extrap.)" if r.get("prefill_extrapolated") else ""
         table.append(
             [
                 r["channels"],
@@ -142,10 +159,9 @@ def markdown(rows: list[dict[str, Any]], curves: dict[str, LayerCurve], preset: 
                 1e3 * r["segmentation_s"],
                 r["peak_mb"],
                 r["input_mb"],
-                f"{r['prefill_baseline_s']:,.1f}{mark}",
-                r["prefill_holitom_s"],
-                r["prefill_saved_s"],
-                f"{r['compress_pct_of_baseline_prefill']:.3f}",
+                f"{r['peak_x_input']:.2f}x" if "peak_x_input" in r else "-",
+                f"{r['ms_per_frame']:.2f}" if "ms_per_frame" in r else "-",
+                *_prefill_cells(r, mark),
             ]
         )
     fits = "\n".join(
@@ -157,8 +173,7 @@ def markdown(rows: list[dict[str, Any]], curves: dict[str, LayerCurve], preset: 
     return (
         f"Preset `{preset}`; machine: {describe_machine(info)}.\n\n"
         + md_table(headers, table, digits=1)
-        + "\n\nPrefill estimates (L x one measured decoder layer, fitted):\n"
-        + fits
+        + ("\n\nPrefill estimates (L x one measured decoder layer, fitted):\n" + fits if fits else "")
         + "\n"
     )
 
@@ -167,7 +182,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     from holitom_cli.compression import get_preset
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--frames", type=int, nargs="+", default=[8, 16, 32, 64, 128, 256])
+    ap.add_argument("--frames", type=int, nargs="+", default=[8, 16, 32, 64, 128, 256, 512])
     ap.add_argument("--channels", type=int, nargs="+", default=[896, 3584], choices=sorted(SHAPE_OF_CHANNELS))
     ap.add_argument("--preset", default="balanced")
     ap.add_argument("--repeats", type=int, default=3, help="timed runs per point, after one warm-up")
@@ -178,6 +193,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
     ap.add_argument("--name", default="scaling", help="output file stem")
+    ap.add_argument("--no-prefill", action="store_true", help="compression only, no decoder layers")
+    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: unchanged)")
     ap.add_argument("--render", type=Path, default=None, help="only rewrite the markdown of this JSON")
     args = ap.parse_args(argv)
     if args.render is not None:
@@ -194,6 +211,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(md)
         return data
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
     cfg = get_preset(args.preset)
     info = machine_info(args.device)
@@ -201,18 +220,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     curves: dict[str, LayerCurve] = {}
     for channels in args.channels:
         shape = SHAPE_OF_CHANNELS[channels]
-        log(f"C={channels}: timing one {shape} decoder layer")
-        points = args.layer_points or LAYER_POINTS[shape]
-        curves[shape] = measure_layer_curve(shape, points, args.layer_repeats, dtype, args.device)
+        if not args.no_prefill:
+            log(f"C={channels}: timing one {shape} decoder layer")
+            points = args.layer_points or LAYER_POINTS[shape]
+            curves[shape] = measure_layer_curve(shape, points, args.layer_repeats, dtype, args.device)
         for frames in args.frames:
             row = measure_compression(
                 frames, channels, cfg, args.repeats, args.device, dtype, warmup=args.warmup
             )
-            add_prefill(row, curves[shape], cfg, TEXT_TOKENS)
+            if shape in curves:
+                add_prefill(row, curves[shape], cfg, TEXT_TOKENS)
             log(
                 f"  T={frames}: {row['input_tokens']} -> {row['output_tokens']} tokens, "
-                f"{row['compress_s'] * 1e3:.0f} ms, peak {row['peak_mb']:.0f} MB, "
-                f"{row['compress_pct_of_baseline_prefill']:.2f}% of baseline prefill"
+                f"{row['compress_s'] * 1e3:.0f} ms ({row['ms_per_frame']:.2f} ms/frame), "
+                f"peak {row['peak_x_input']:.2f}x the input"
             )
             rows.append(row)
     md = markdown(rows, curves, args.preset, info)

@@ -125,10 +125,9 @@ def _dynamic_tokens(
 
 def _plan(seg: Segmentation, num: int, ratio: float) -> tuple[list[torch.Tensor], torch.Tensor]:
     """On the host: (static positions (N,) bool per segment, dynamic tokens kept per frame (T,) long)."""
-    run = seg.run.cpu()  # (T, N), the one device-to-host transfer of the plan
     masks, keep = [], []
     for s, e in seg.segments:
-        static = run[s] >= e - s if e > s else torch.zeros(num, dtype=torch.bool)
+        static = seg.static_mask((s, e))  # (N,) bool, host (Segmentation.run lives on the host)
         masks.append(static)
         keep += [dynamic_keep_count(num - int(static.sum()), ratio)] * (e - s + 1)
     return masks, torch.tensor(keep, dtype=torch.long)
@@ -169,8 +168,9 @@ def compress_video_tokens(
     # Static cluster tokens per multi-frame segment (stage 2 + 3); sizes are host integers.
     buffers = _mean_buffers(features)
     clusters: list[tuple[torch.Tensor, torch.Tensor] | None] = []
-    for (start, end), static in zip(seg.segments, masks, strict=True):
-        static_pos = torch.nonzero(static).squeeze(1).to(device)  # host mask: no device sync
+    counts = static_mask.sum(1).tolist()  # host
+    positions = torch.nonzero(static_mask)[:, 1].to(device).split(counts)  # one host-to-device copy
+    for (start, end), static_pos in zip(seg.segments, positions, strict=True):
         clusters.append(
             _static_tokens(features, start, end, static_pos, ratio, cfg, buffers) if end > start else None
         )

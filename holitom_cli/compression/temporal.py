@@ -158,7 +158,8 @@ class Segmentation:
 
     segments: inclusive (start, end) frame ranges covering 0..T-1 in order.
     reduced: R, tokens removed by temporal merging (sum of the segments' gains).
-    run: (T, N) long run lengths; position p is static in segment (s, e), e > s, iff run[s, p] >= e - s.
+    run: (T, N) long run lengths, on the host; position p is static in segment (s, e), e > s, iff
+    run[s, p] >= e - s.
     """
 
     segments: list[tuple[int, int]]
@@ -179,9 +180,9 @@ def segment_video(features: torch.Tensor, tau: float, max_window: int) -> Segmen
         raise ValueError(f"features must be (T, N, C) with T >= 1, got shape {tuple(features.shape)}")
     frames, num, _ = features.shape
     if frames == 1:
-        return Segmentation([(0, 0)], 0, torch.zeros(1, num, dtype=torch.long, device=features.device))
-    similar = adjacent_similarity(features) > tau  # (T-1, N)
-    run = run_lengths(similar)  # (T, N)
+        return Segmentation([(0, 0)], 0, torch.zeros(1, num, dtype=torch.long))
+    similar = (adjacent_similarity(features) > tau).cpu()  # (T-1, N): the one device-to-host transfer
+    run = run_lengths(similar)  # (T, N), on the host from here on
     gains = gain_table(run).tolist()
     segments, reduced = select_segments(gains, max_window)
     return Segmentation(segments, reduced, run)
