@@ -138,3 +138,17 @@ def test_joins_follow_the_reference_precision(dtype: torch.dtype) -> None:
         # ... and this case is one where the precision matters: float32 similarities join differently
         kept32, _, target32 = merge_plan(hidden.float(), scores, 45)
         assert kept32[target32].tolist() != kept[target].tolist()
+
+
+@pytest.mark.parametrize("rows_per_chunk", [1, 3, 7])
+def test_chunked_fold_matches_sequential_loop(monkeypatch: pytest.MonkeyPatch, rows_per_chunk: int) -> None:
+    from holitom_cli.compression import inner
+
+    monkeypatch.setattr(inner, "CPU_FOLD_BYTES", rows_per_chunk * 4 * 6)
+    gen = torch.Generator().manual_seed(5)
+    hidden = torch.randn(41, 6, generator=gen)
+    scores = torch.rand(41, generator=gen)
+    merged, kept = merge_visual_states(hidden, scores, 0.7)
+    expected, expected_kept = sequential_reference(hidden, scores, 0.7)
+    assert kept.tolist() == expected_kept
+    torch.testing.assert_close(merged.double(), expected, rtol=1e-5, atol=1e-5)

@@ -82,7 +82,7 @@ def merge_plan(
     by_score = order[:keep]  # (K,) kept tokens in the reference's top-k order
     kept_index, to_ascending = torch.sort(by_score)  # kept_index[j] = by_score[to_ascending[j]]
     pruned_index = torch.sort(order[keep:]).values  # (P,) ascending
-    target = most_similar(hidden[pruned_index], hidden[by_score])  # (P,) slot in by_score
+    target = most_similar(hidden.index_select(0, pruned_index), hidden.index_select(0, by_score))
     slot = torch.empty_like(to_ascending).scatter_(0, to_ascending, torch.arange(keep, device=device))
     return kept_index, pruned_index, slot[target]
 
@@ -102,6 +102,11 @@ def most_similar(pruned: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
     return sim.max(dim=-1).indices
 
 
+#: Float32 working rows per chunk of kept tokens in :func:`fold_members` on the CPU (fresh multi-MiB
+#: allocations are slow to touch; a small reused-size chunk stays in cache). Accelerators use one chunk.
+CPU_FOLD_BYTES = 4 << 20
+
+
 def fold_members(
     hidden: torch.Tensor, kept_index: torch.Tensor, pruned_index: torch.Tensor, target: torch.Tensor
 ) -> torch.Tensor:
@@ -116,13 +121,24 @@ def fold_members(
     members = torch.zeros(keep, dtype=torch.long, device=device)
     members.scatter_add_(0, target, torch.ones_like(target))  # (K,), no bincount: no device sync
     by_slot = torch.sort(target, stable=True).indices  # pruned tokens grouped by slot, ascending inside
-    slot_sorted = target[by_slot]
+    slot_sorted, member_rows = target[by_slot], pruned_index[by_slot]  # (P,)
     group_start = torch.cumsum(members, 0) - members  # (K,)
     rank_in_slot = torch.arange(by_slot.numel(), device=device) - group_start[slot_sorted]  # j - 1
     # weight of member j (1-based) is 2^-(m - j + 1) = 2^-(m - rank_in_slot)
     member_weight = torch.pow(2.0, -(members[slot_sorted] - rank_in_slot).float())  # (P,)
     kept_weight = torch.pow(2.0, -members.float())  # (K,)
 
-    merged = hidden[kept_index].float().mul_(kept_weight[:, None])  # (K, C)
-    merged.index_add_(0, slot_sorted, hidden[pruned_index[by_slot]].float().mul_(member_weight[:, None]))
-    return merged.to(hidden.dtype)
+    channels = hidden.shape[1]
+    step = max(1, CPU_FOLD_BYTES // (4 * channels)) if device.type == "cpu" else keep
+    # member range of every chunk: a host copy of group_start, on the CPU only (free there)
+    bounds = [*group_start.tolist(), by_slot.numel()] if step < keep else [0] * keep + [by_slot.numel()]
+    out = hidden.new_empty(keep, channels)  # (K, C)
+    for a in range(0, keep, step):
+        b = min(a + step, keep)
+        acc = hidden.index_select(0, kept_index[a:b]).float().mul_(kept_weight[a:b, None])
+        g0, g1 = bounds[a], bounds[b]
+        if g1 > g0:
+            src = hidden.index_select(0, member_rows[g0:g1]).float().mul_(member_weight[g0:g1, None])
+            acc.index_add_(0, slot_sorted[g0:g1] - a, src)
+        out[a:b] = acc  # one rounding to hidden's dtype
+    return out
