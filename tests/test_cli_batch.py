@@ -123,6 +123,8 @@ def test_batch_manifest_questions_file_compare_baseline_and_settings_change(
     for r in records:
         assert r["error"] is None and isinstance(r["baseline"]["answer"], str)
         assert r["baseline"]["tokens"]["into_llm"] > r["tokens"]["into_llm"]
+        assert r["speedup"]["repeats"] == 3  # the default, as in ask
+        assert r["preset"] == {"name": "balanced", "custom": False}
 
     # Everything answered: nothing to do, and the model is not even loaded.
     def never(*a, **k):
@@ -139,6 +141,22 @@ def test_batch_manifest_questions_file_compare_baseline_and_settings_change(
     records = _read(out)
     assert len(records) == 6 and len({r["settings_hash"] for r in records}) == 2
     assert {r["config"]["retain_ratio"] for r in records[3:]} == {0.10}
+    assert {r["preset"]["name"] for r in records[3:]} == {"fastest"}
+
+
+def test_batch_generation_options_reach_the_records(tiny_model_dir, sample_video, tmp_path):
+    """--top-p/--seed/--repeats and a custom preset are recorded as ask records them."""
+    out = tmp_path / "out.jsonl"
+    args = [sample_video, "-q", "What moves?", "-o", out, "--temperature", "0.7", "--top-p", "0.9"]
+    args += ["--seed", "5", "-p", "fast", "--tau", "0.7", "--compare-baseline", "--repeats", "2"]
+    result = _batch(tiny_model_dir, *args)
+    assert result.exit_code == 0, result.stderr
+    (record,) = _read(out)
+    assert record["generation"]["top_p"] == 0.9 and record["generation"]["seed"] == 5
+    assert record["preset"] == {"name": "fast", "custom": True}
+    assert record["speedup"]["repeats"] == 2 and record["schema_version"] >= 1
+    bad = _batch(tiny_model_dir, sample_video, "-q", "x", "-o", tmp_path / "b.jsonl", "--top-p", "0.5")
+    assert bad.exit_code != 0 and not (tmp_path / "b.jsonl").exists()
 
 
 def _start_batch(model_dir: Path, folder: Path, out: Path) -> subprocess.Popen:

@@ -39,10 +39,14 @@ from holitom_cli.cli.options import (
     PresetOpt,
     QuantizeOpt,
     QuietLongOpt,
+    RepeatsOpt,
     RetainRatioOpt,
     RevisionOpt,
+    SeedOpt,
     TauOpt,
     TemperatureOpt,
+    TopPOpt,
+    generation_options,
 )
 from holitom_cli.cli.settings import build_config, sampling_options
 from holitom_cli.errors import ConfigError, HolitomError
@@ -176,11 +180,14 @@ def batch_command(
     no_inner: NoInnerOpt = False,
     no_compress: NoCompressOpt = False,
     compare_baseline: CompareBaselineOpt = False,
+    repeats: RepeatsOpt = 3,
     frames: FramesOpt = None,
     fps: FpsOpt = None,
     max_frames: MaxFramesOpt = None,
     max_new_tokens: MaxNewTokensOpt = DEFAULT_MAX_NEW_TOKENS,
     temperature: TemperatureOpt = 0.0,
+    top_p: TopPOpt = None,
+    seed: SeedOpt = None,
     quiet: QuietLongOpt = False,
 ) -> None:
     """Answer questions about many videos, one JSON line per (video, question).
@@ -196,13 +203,13 @@ def batch_command(
     from holitom_cli import batchio
     from holitom_cli.cli.errors import debug_enabled, print_error
     from holitom_cli.cli.report import (
+        SCHEMA_VERSION,
         answer_record,
+        compare_with_baseline,
         stderr_console,
         versions,
         video_record,
-        warm_up,
     )
-    from holitom_cli.pipeline import GenerationOptions
 
     cfg = build_config(preset, retain_ratio, tau, inner_layer, inner_prune_ratio, no_inner, no_compress)
     if compare_baseline and cfg is None:
@@ -211,7 +218,7 @@ def batch_command(
             hint="Drop --no-compress: the comparison runs the full model anyway.",
         )
     sampling = sampling_options(frames, fps, max_frames)
-    generation = GenerationOptions(max_new_tokens=max_new_tokens, temperature=temperature)
+    generation = generation_options(max_new_tokens, temperature, top_p, seed)
     asked = list(question or [])
     if questions_file is not None:
         asked += batchio.read_questions(questions_file)
@@ -273,7 +280,7 @@ def batch_command(
 
     def error_record(item: Any, message: str, prepared: Any = None) -> dict:
         record = {
-            "schema_version": 1,
+            "schema_version": SCHEMA_VERSION,
             "question": item.question,
             "answer": None,
             "error": message,
@@ -344,14 +351,20 @@ def batch_command(
                         continue
                     for item in group:
                         try:
-                            if compare_baseline and not warmed:
-                                warm_up(pipe, prepared, item.question, cfg)
-                                warmed = True
-                            answer = pipe.ask(prepared, item.question, cfg, generation)
-                            baseline = None
+                            pipe.check_question(item.question, generation)
+                            runs = None
                             if compare_baseline:
-                                baseline = pipe.ask(prepared, item.question, None, generation)
-                            record = answer_record(item.question, answer, prepared, baseline)
+                                runs = compare_with_baseline(
+                                    pipe, prepared, item.question, cfg, generation, repeats, warm=not warmed
+                                )
+                                warmed = True
+                                answer, baseline = runs.holitom[0], runs.baseline[0]
+                            else:
+                                answer = pipe.ask(prepared, item.question, cfg, generation)
+                                baseline = None
+                            record = answer_record(
+                                item.question, answer, prepared, baseline, preset=preset, runs=runs
+                            )
                             record["video"]["path"] = batchio.path_text(item.video)
                             record["error"] = None
                             record["settings_hash"] = digest
