@@ -94,7 +94,7 @@ def _static_tokens(
     cluster_num = static_cluster_count(static_pos.numel(), ratio)
     if cluster_num == 0:
         return None
-    means = segment_means(features, start, end, *buffers)[static_pos]  # (n_s, C)
+    means = segment_means(features, start, end, *buffers).index_select(0, static_pos)  # (n_s, C)
     centres, dist = cluster_dpc_knn(means, cluster_num, min(cfg.dpc_k, cluster_num))
     return merge_clusters(means, centres, dist, cfg.beta), static_pos[centres]
 

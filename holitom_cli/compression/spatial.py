@@ -93,12 +93,13 @@ def merge_clusters(x: torch.Tensor, centres: torch.Tensor, dist: torch.Tensor, b
     is_centre = torch.zeros(num, dtype=torch.bool, device=x.device)
     is_centre[centres] = True
     others = torch.nonzero_static(~is_centre, size=num - centres.numel()).squeeze(1)  # (S-K,), no sync
-    nearest = dist[others][:, centres].argmin(dim=1)  # (S-K,) slot of the nearest centre, first on ties
+    to_centres = dist.index_select(0, others).index_select(1, centres)  # (S-K, K)
+    nearest = to_centres.argmin(dim=1)  # (S-K,) slot of the nearest centre, first on ties
     sums = torch.zeros(centres.numel(), x.shape[1], dtype=torch.float32, device=x.device)
-    sums.index_add_(0, nearest, x32[others])
+    sums.index_add_(0, nearest, x32.index_select(0, others))
     counts = torch.zeros(centres.numel(), dtype=torch.float32, device=x.device)
     counts.index_add_(0, nearest, torch.ones_like(nearest, dtype=torch.float32))  # (K,), no bincount sync
-    centre_x = x32[centres]
+    centre_x = x32.index_select(0, centres)
     mean = sums / counts.clamp(min=1.0)[:, None]
     merged = beta * centre_x + (1.0 - beta) * mean
     return torch.where((counts > 0)[:, None], merged, centre_x)
