@@ -55,8 +55,9 @@ class RayOptions:
     ``address``: None starts a private, loopback-only Ray instance on this machine for the run (stopped at the
     end); otherwise the address of a running cluster (``ray start --head`` prints it; ``auto`` finds a local
     one). ``gpus_per_worker``: None means 1 when the cluster has GPUs and ``device`` is not ``cpu``, else 0;
-    fractions (0.5) put several workers on one GPU. ``num_cpus``: CPUs of the private instance (default: this
-    machine's); ignored with ``address``. ``verbose``: let Ray's own log messages through to the terminal.
+    fractions (0.5) put several workers on one GPU; at most 1 (a pipeline runs on one device). ``num_cpus``:
+    CPUs of the private instance (default: this machine's); ignored with ``address``. ``verbose``: let Ray's
+    own log messages through to the terminal.
     """
 
     workers: int
@@ -76,10 +77,10 @@ class RayOptions:
                     f"--gpus-per-worker must be a number >= 0, got {g!r}",
                     hint="e.g. 1, or 0.5 for two workers per GPU",
                 )
-            if g > 1 and g != int(g):
+            if g > 1:
                 raise ConfigError(
-                    f"--gpus-per-worker above 1 must be a whole number, got {g!r}",
-                    hint="Ray shares a GPU between workers (fractions up to 1) or gives whole GPUs (1, 2).",
+                    f"--gpus-per-worker must be at most 1, got {g:g}: a worker loads its model on one GPU",
+                    hint="Use 1 (one GPU each) or a fraction such as 0.5 (two workers share a GPU).",
                 )
         if self.address is not None and not self.address.strip():
             raise ConfigError("--ray-address is empty", hint="e.g. --ray-address 10.0.0.1:6379, or auto")
