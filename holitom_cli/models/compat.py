@@ -14,7 +14,10 @@ What is touched, and where:
 * :func:`video_features`: LLaVA-OneVision's ``get_video_features``, and the shape of what it returns.
 * :func:`qwen_video_features`: Qwen2.5-VL's ``get_video_features`` (merged tokens in raster order).
 * :func:`vision_window_index`: Qwen2.5-VL's window order of merged cells inside its vision encoder.
-* :func:`rope_index`: the family's own ``get_rope_index`` (3-D M-RoPE positions of a prompt).
+* :func:`rope_index`: the family's own ``get_rope_index`` (3-D M-RoPE positions of a prompt; Qwen3-VL's
+  takes no ``second_per_grid_ts``).
+* :func:`model_class`: a transformers model class by name (ModelError naming the version when it is absent).
+* :func:`deepstack_video_features`: Qwen3-VL's ``get_video_features``: merged tokens and deepstack levels.
 
 Tested versions: the oldest declared in pyproject.toml (``TESTED_MIN``) and the newest release, both in CI.
 """
@@ -33,7 +36,9 @@ __all__ = [
     "TESTED_MIN",
     "cache_keyword",
     "check_transformers_version",
+    "deepstack_video_features",
     "layer_cache",
+    "model_class",
     "output_cache",
     "qwen_video_features",
     "rope_index",
@@ -233,14 +238,16 @@ def rope_index(
     input_ids: torch.Tensor,
     mm_token_type_ids: torch.Tensor,
     video_grid_thw: torch.Tensor,
-    second_per_grid_ts: float,
+    second_per_grid_ts: float | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The model's own 3-D M-RoPE positions of a prompt holding one uncompressed video.
 
     Args:
         base_model: a Qwen-VL ``...Model`` with ``get_rope_index``.
         input_ids: (1, L); mm_token_type_ids: (1, L) int, 2 at the video placeholders, 0 elsewhere.
-        video_grid_thw: (1, 3) long; second_per_grid_ts: seconds per temporal patch.
+        video_grid_thw: (1, 3) long; second_per_grid_ts: seconds per temporal patch (Qwen2-VL /
+            Qwen2.5-VL), None for a family whose ``get_rope_index`` has no time scale (Qwen3-VL: the
+            timestamps are text in the prompt, and ``mm_token_type_ids`` is required).
 
     Returns:
         (position_ids (3, 1, L) long, rope_deltas (1, 1) long).
@@ -249,12 +256,13 @@ def rope_index(
     if method is None:
         raise ModelError(f"{type(base_model).__name__} has no get_rope_index", hint=_UPGRADE_HINT)
     params = inspect.signature(method).parameters
-    if not {"input_ids", "video_grid_thw", "second_per_grid_ts"} <= set(params):
+    needed = {"input_ids", "video_grid_thw"}
+    needed |= {"second_per_grid_ts"} if second_per_grid_ts is not None else {"mm_token_type_ids"}
+    if not needed <= set(params):
         raise ModelError("get_rope_index changed its signature", hint=_UPGRADE_HINT)
-    kwargs: dict[str, Any] = {
-        "video_grid_thw": video_grid_thw,
-        "second_per_grid_ts": torch.tensor([float(second_per_grid_ts)]),
-    }
+    kwargs: dict[str, Any] = {"video_grid_thw": video_grid_thw}
+    if second_per_grid_ts is not None:
+        kwargs["second_per_grid_ts"] = torch.tensor([float(second_per_grid_ts)])
     if "mm_token_type_ids" in params:
         kwargs["mm_token_type_ids"] = mm_token_type_ids
     positions, deltas = method(input_ids, **kwargs)
@@ -265,3 +273,68 @@ def rope_index(
             hint=_UPGRADE_HINT,
         )
     return positions, deltas
+
+
+def model_class(name: str, family: str) -> Any:
+    """``transformers.<name>`` (a model or config class), or ModelError when this version lacks it.
+
+    ``family`` names the model family in the message (e.g. "Qwen3-VL").
+    """
+    import transformers
+
+    try:
+        return getattr(transformers, name)
+    except (AttributeError, ImportError) as exc:
+        shown = ".".join(map(str, transformers_version()))
+        raise ModelError(
+            f"transformers {shown} has no {name}: {family} needs a newer transformers",
+            hint=_UPGRADE_HINT,
+        ) from exc
+
+
+def deepstack_video_features(
+    base_model: Any, pixel_values_videos: torch.Tensor, video_grid_thw: torch.Tensor
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Qwen3-VL's merged video tokens of one video and its deepstack features, as the model uses them.
+
+    Args:
+        base_model: the ``Qwen3VLModel`` (``model.model`` of the generation class).
+        pixel_values_videos: (t * gh * gw, C * tps * p * p) patches of one video.
+        video_grid_thw: (1, 3) long, (t, gh, gw).
+
+    Returns:
+        features (t * gh/m * gw/m, D), per temporal patch the merged cells in row-major order, and one
+        tensor of that shape per deepstack level (``deepstack_visual_indexes`` order), the ones the
+        language model adds to its first layers' outputs at the visual positions.
+    """
+    method = base_model.get_video_features
+    if "video_grid_thw" not in inspect.signature(method).parameters:
+        raise ModelError(
+            "get_video_features takes no video_grid_thw: this transformers version is not one holitom knows",
+            hint=_UPGRADE_HINT,
+        )
+    out = method(pixel_values_videos=pixel_values_videos, video_grid_thw=video_grid_thw, return_dict=True)
+    merge = int(base_model.config.vision_config.spatial_merge_size)
+    expected = int(video_grid_thw.prod()) // merge**2
+    levels = len(getattr(base_model.config.vision_config, "deepstack_visual_indexes", None) or [])
+
+    def one(value: Any) -> Any:
+        if isinstance(value, (list, tuple)):
+            value = torch.cat(list(value), dim=0) if value else None
+        return value
+
+    pooled = one(getattr(out, "pooler_output", None))
+    deepstack = [one(level) for level in (getattr(out, "deepstack_features", None) or [])]
+    shapes_ok = isinstance(pooled, torch.Tensor) and pooled.dim() == 2 and pooled.shape[0] == expected
+    if (
+        not shapes_ok
+        or len(deepstack) != levels
+        or not all(isinstance(d, torch.Tensor) and tuple(d.shape) == tuple(pooled.shape) for d in deepstack)
+    ):
+        shape = tuple(pooled.shape) if isinstance(pooled, torch.Tensor) else type(pooled).__name__
+        raise ModelError(
+            f"get_video_features returned features {shape} and {len(deepstack)} deepstack levels for grid "
+            f"{video_grid_thw.tolist()}, expected {expected} rows and {levels} levels of the same shape",
+            hint=_UPGRADE_HINT,
+        )
+    return pooled, deepstack

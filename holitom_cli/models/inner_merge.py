@@ -1,10 +1,19 @@
-"""HoliTom's inner-LLM stage (spec section 5) as removable forward pre-hooks on one Qwen2 decoder instance.
+"""HoliTom's inner-LLM stage (spec section 5) as removable forward pre-hooks on one decoder instance.
 
-Known decoders (``SUPPORTED_DECODERS``): ``Qwen2Model`` (LLaVA-OneVision's language model, 1-D RoPE) and
-``Qwen2_5_VLTextModel`` / ``Qwen2VLTextModel`` (Qwen2.5-VL / Qwen2-VL, 3-D M-RoPE). Both hand every layer
-the same ``(cos, sin)`` of shape (B, n, head_dim) (M-RoPE's sections are already interleaved), so gathering
-the kept columns of ``(cos, sin)`` keeps every kept token at its original 1-D or 3-D position; Qwen-VL's
-``position_ids`` (3|4, B, n) or (B, n) are gathered on their last axis. Any other decoder class raises.
+The stage works on any Llama-style decoder (``.layers`` of pre-norm layers taking ``hidden_states``,
+``position_embeddings=(cos, sin)`` of shape (B, n, head_dim), ``attention_mask``, ``position_ids`` and the
+cache) whose attention is ``q_proj``/``k_proj`` (optional biases), optional per-head ``q_norm``/``k_norm``
+applied before RoPE (Qwen3), rotate-half RoPE, grouped KV heads and ``scaling``. Which decoder classes are
+known, and whether their attention has q/k norms, is declared by an :class:`AttentionRecipe`: the built-in
+one (``QWEN2_RECIPE``, ``SUPPORTED_DECODERS``) covers ``Qwen2Model`` (LLaVA-OneVision's language model, 1-D
+RoPE) and ``Qwen2_5_VLTextModel`` / ``Qwen2VLTextModel`` (Qwen2.5-VL / Qwen2-VL, 3-D M-RoPE); a family
+adapter passes its own (``attach_inner_merge(decoder, K, r, recipe=AttentionRecipe(("Qwen3VLTextModel",),
+qk_norm=True))``), so a new family needs no change here. A decoder class named by no recipe raises, and so
+does a layer whose attention has q/k norms the recipe does not apply (or lacks those it names), so an
+unknown decoder fails loudly instead of scoring with the wrong attention. M-RoPE decoders hand every layer
+the same ``(cos, sin)`` with the sections already interleaved, so gathering the kept columns of
+``(cos, sin)`` keeps every kept token at its original 1-D or 3-D position; ``position_ids`` (3|4, B, n) or
+(B, n) are gathered on their last axis.
 
 Usage (batch size 1)::
 
@@ -20,7 +29,8 @@ layer modules of this one decoder, plus one forward hook on the last layer that 
 
 * layer K-1, armed prefill (query length > 1): before the layer runs, recompute the attention probabilities
   of the LAST query token over all keys from the layer's own ``input_layernorm``, ``q_proj``, ``k_proj``
-  (with biases), the RoPE ``(cos, sin)`` passed to the layer, repeated KV heads, ``scaling`` and the mask
+  (with biases), ``q_norm``/``k_norm`` per head (recipes with ``qk_norm``), the RoPE ``(cos, sin)`` passed
+  to the layer, repeated KV heads, ``scaling`` and the mask
   row of the last query if a 4-D mask exists; mean over heads, restricted to the visual span -> (M,) scores.
   The layer itself runs untouched, i.e. causally (deliberate fix: the reference runs layer K-1 without a
   causal mask in prefill, see docs/inner-stage.md). One query row: cheap, and works with SDPA.
@@ -47,11 +57,40 @@ from holitom_cli.compression import merge_visual_states
 from holitom_cli.errors import ConfigError, ModelError
 from holitom_cli.models.compat import cache_keyword, layer_cache
 
-__all__ = ["SUPPORTED_DECODERS", "InnerMergeHandle", "InnerMergeStats", "attach_inner_merge"]
+__all__ = [
+    "QWEN2_RECIPE",
+    "SUPPORTED_DECODERS",
+    "AttentionRecipe",
+    "InnerMergeHandle",
+    "InnerMergeStats",
+    "attach_inner_merge",
+]
 
 _SUPPORTED_ATTENTION = ("eager", "sdpa")
-#: Decoder classes whose layers take (cos, sin) of shape (B, n, head_dim) and have Qwen2's attention layout.
-SUPPORTED_DECODERS = ("Qwen2Model", "Qwen2_5_VLTextModel", "Qwen2VLTextModel")
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionRecipe:
+    """What an adapter declares about its decoder so the last-query scores are recomputed correctly.
+
+    decoders: class names (``type(decoder).__name__``) this recipe is for; any other class raises.
+    qk_norm: the attention applies ``self_attn.q_norm`` / ``self_attn.k_norm`` (RMS norms over head_dim)
+        to every head's query and key after the projections and before RoPE (Qwen3, Qwen3-VL). The layers
+        are checked: norms present without ``qk_norm``, or missing with it, raise ``ModelError``.
+    """
+
+    decoders: tuple[str, ...]
+    qk_norm: bool = False
+
+    def __post_init__(self) -> None:
+        if isinstance(self.decoders, str) or not self.decoders:
+            raise ValueError("AttentionRecipe.decoders must be a non-empty tuple of class names")
+
+
+#: The built-in recipe: Qwen2 attention (q/k/v biases, no q/k norms), 1-D RoPE or M-RoPE (cos, sin).
+QWEN2_RECIPE = AttentionRecipe(decoders=("Qwen2Model", "Qwen2_5_VLTextModel", "Qwen2VLTextModel"))
+#: Decoder classes known without an adapter-provided recipe.
+SUPPORTED_DECODERS = QWEN2_RECIPE.decoders
 # Decoders that currently carry an InnerMergeHandle (two handles on one decoder would merge twice).
 _ACTIVE: weakref.WeakSet[torch.nn.Module] = weakref.WeakSet()
 
@@ -98,10 +137,17 @@ def _with_hidden(args: tuple, kwargs: dict, hidden: torch.Tensor) -> tuple[tuple
 class InnerMergeHandle:
     """Hooks of one decoder; see :func:`attach_inner_merge`. Also a context manager (``remove`` on exit)."""
 
-    def __init__(self, decoder: torch.nn.Module, layer: int, prune_ratio: float) -> None:
+    def __init__(
+        self,
+        decoder: torch.nn.Module,
+        layer: int,
+        prune_ratio: float,
+        recipe: AttentionRecipe = QWEN2_RECIPE,
+    ) -> None:
         self.decoder = decoder
         self.layer = layer
         self.prune_ratio = prune_ratio
+        self.recipe = recipe
         self.stats: InnerMergeStats | None = None
         self.scores: torch.Tensor | None = None  # (M,) float32 scores of the last merging prefill
         self.kept_index: torch.Tensor | None = None  # (M',) long, kept positions into that visual span
@@ -187,7 +233,7 @@ class InnerMergeHandle:
         # Deliberate difference from the reference: it asks layer K-1 for attention weights, which under SDPA
         # falls back to eager attention WITHOUT the causal mask, so its layer K-1 runs bidirectionally in
         # prefill. Here the layer runs untouched (causal); only the last query's row is recomputed aside.
-        scores = _last_query_attention(module, hidden, kwargs)  # (n,)
+        scores = _last_query_attention(module, hidden, kwargs, self.recipe.qk_norm)  # (n,)
         self._pending = (scores[start : start + length], start, length, n)
         return None
 
@@ -324,14 +370,19 @@ def _rope_pair(kwargs: dict, n: int) -> tuple[torch.Tensor, torch.Tensor]:
     return pair[0], pair[1]
 
 
-def _last_query_attention(layer: torch.nn.Module, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
+def _last_query_attention(
+    layer: torch.nn.Module, hidden: torch.Tensor, kwargs: dict, qk_norm: bool = False
+) -> torch.Tensor:
     """Softmax attention of the last query of ``layer`` over all n keys, mean over heads.
 
     Args:
-        layer: a Qwen2 decoder layer (``input_layernorm``, ``self_attn.{q,k}_proj``).
+        layer: a decoder layer (``input_layernorm``, ``self_attn.{q,k}_proj``, with ``qk_norm`` also
+            ``self_attn.{q,k}_norm``).
         hidden: (1, n, C) input of that layer.
         kwargs: the layer's call kwargs: ``position_embeddings`` (cos, sin) each (1, n, d), optional 4-D
             ``attention_mask`` (1, 1|H, n, n), bool (True = attend) or additive float.
+        qk_norm: apply the attention's ``q_norm`` / ``k_norm`` to each head (model dtype, as the layer
+            does) before RoPE.
 
     Returns:
         (n,) float32 probabilities (they sum to 1 over the keys the last query may see).
@@ -339,8 +390,11 @@ def _last_query_attention(layer: torch.nn.Module, hidden: torch.Tensor, kwargs: 
     attn = layer.self_attn
     d = attn.head_dim
     x = layer.input_layernorm(hidden)  # (1, n, C)
-    q = attn.q_proj(x[:, -1:]).view(1, 1, -1, d).transpose(1, 2).float()  # (1, H, 1, d)
-    k = attn.k_proj(x).view(1, x.shape[1], -1, d).transpose(1, 2).float()  # (1, KV, n, d)
+    q = attn.q_proj(x[:, -1:]).view(1, 1, -1, d)  # (1, 1, H, d)
+    k = attn.k_proj(x).view(1, x.shape[1], -1, d)  # (1, n, KV, d)
+    if qk_norm:  # per head over head_dim, before RoPE (Qwen3)
+        q, k = attn.q_norm(q), attn.k_norm(k)
+    q, k = q.transpose(1, 2).float(), k.transpose(1, 2).float()  # (1, H, 1, d), (1, KV, n, d)
     cos, sin = (t.float()[:, None] for t in _rope_pair(kwargs, hidden.shape[1]))  # (1, 1, n, d)
     q = q * cos[:, :, -1:] + _rotate_half(q) * sin[:, :, -1:]
     k = k * cos + _rotate_half(k) * sin
@@ -355,15 +409,51 @@ def _last_query_attention(layer: torch.nn.Module, hidden: torch.Tensor, kwargs: 
     return probs[0, :, 0].mean(dim=0)  # (n,)
 
 
-def attach_inner_merge(decoder: torch.nn.Module, layer: int, prune_ratio: float) -> InnerMergeHandle:
-    """Hook HoliTom's inner merge into one Qwen2 decoder instance (other instances are unaffected).
+def _check_attention(layers: Any, recipe: AttentionRecipe) -> None:
+    """ModelError unless every layer has the attention parts the score recompute reads, per ``recipe``."""
+    for i, layer in enumerate(layers):
+        attn = getattr(layer, "self_attn", None)
+        needed = ("q_proj", "k_proj", "head_dim", "scaling", "num_key_value_groups")
+        missing = [n for n in needed if attn is None or getattr(attn, n, None) is None]
+        if getattr(layer, "input_layernorm", None) is None:
+            missing.insert(0, "input_layernorm")
+        if missing:
+            raise ModelError(
+                f"decoder layer {i} ({type(layer).__name__}) lacks {', '.join(missing)}: the inner merge "
+                "cannot recompute its attention scores",
+                hint="this decoder's attention is not a layout holitom knows",
+            )
+        norms = [getattr(attn, n, None) is not None for n in ("q_norm", "k_norm")]
+        if recipe.qk_norm and not all(norms):
+            raise ModelError(
+                f"the recipe applies q/k norms but decoder layer {i}'s attention has no q_norm/k_norm",
+                hint="pass an AttentionRecipe with qk_norm=False for this decoder",
+            )
+        if not recipe.qk_norm and any(norms):
+            raise ModelError(
+                f"decoder layer {i}'s attention has q_norm/k_norm that the recipe does not apply "
+                "(the scores would be wrong)",
+                hint="the adapter must pass AttentionRecipe(..., qk_norm=True) for this decoder",
+            )
+
+
+def attach_inner_merge(
+    decoder: torch.nn.Module,
+    layer: int,
+    prune_ratio: float,
+    *,
+    recipe: AttentionRecipe | None = None,
+) -> InnerMergeHandle:
+    """Hook HoliTom's inner merge into one decoder instance (other instances are unaffected).
 
     Args:
-        decoder: the ``Qwen2Model`` (``.layers``, ``.config``), e.g. ``model.model`` of a Qwen2ForCausalLM or
+        decoder: the decoder (``.layers``, ``.config``), e.g. ``model.model`` of a Qwen2ForCausalLM or
             ``model.model.language_model`` of LLaVA-OneVision, or ``model.model.language_model`` (a
             ``Qwen2_5_VLTextModel``) of Qwen2.5-VL.
         layer: K, the first layer that runs on the shortened sequence, ``1 <= K < num_layers``.
         prune_ratio: fraction of the visual span removed at layer K, in [0, 1) (0 keeps every token).
+        recipe: the adapter's declaration of its decoder classes and attention (q/k norms); None: the
+            built-in :data:`QWEN2_RECIPE`. The decoder's class must be one the recipe names.
 
     Returns:
         An :class:`InnerMergeHandle`: inert until ``arm`` is called; ``remove()`` restores the decoder.
@@ -374,10 +464,14 @@ def attach_inner_merge(decoder: torch.nn.Module, layer: int, prune_ratio: float)
             f"{type(decoder).__name__} is not a decoder with .layers",
             hint="pass the Qwen2Model (model.model; model.model.language_model for LLaVA-OneVision)",
         )
-    if type(decoder).__name__ not in SUPPORTED_DECODERS:
+    recipe = QWEN2_RECIPE if recipe is None else recipe
+    if not isinstance(recipe, AttentionRecipe):
+        raise TypeError(f"recipe must be an AttentionRecipe, got {type(recipe).__name__}")
+    if type(decoder).__name__ not in recipe.decoders:
         raise ModelError(
             f"the inner merge does not know the decoder {type(decoder).__name__}",
-            hint=f"supported decoders: {', '.join(SUPPORTED_DECODERS)}",
+            hint=f"supported decoders: {', '.join(recipe.decoders)} (an adapter declares others with "
+            "attach_inner_merge(..., recipe=AttentionRecipe(...)))",
         )
     num_layers = len(layers)
     if isinstance(layer, bool) or not isinstance(layer, int) or not 1 <= layer < num_layers:
@@ -402,12 +496,13 @@ def attach_inner_merge(decoder: torch.nn.Module, layer: int, prune_ratio: float)
             "the inner merge does not support sliding-window attention layers",
             hint="use a checkpoint with use_sliding_window=false (all Qwen2 LLaVA-OneVision models)",
         )
+    _check_attention(layers, recipe)
     cache_keyword(layers[0])  # fails loudly on a decoder layer whose cache keyword this version lacks
     if decoder in _ACTIVE:
         raise ModelError(
             "this decoder already has inner-merge hooks attached",
             hint="call remove() on the existing handle before attaching a new one",
         )
-    handle = InnerMergeHandle(decoder, layer, float(prune_ratio))
+    handle = InnerMergeHandle(decoder, layer, float(prune_ratio), recipe)
     _ACTIVE.add(decoder)
     return handle

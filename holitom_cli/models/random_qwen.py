@@ -21,12 +21,18 @@ qwen2_5_vl-7b       as 3b, output width 3584                   28 layers, 3584, 
 The tokenizer is the module's small byte-level BPE plus the Qwen2-VL special tokens; for the real shapes
 they keep their real ids (``<|endoftext|>`` 151643 ... ``<|vision_start|>`` 151652, ``<|vision_end|>``
 151653, ``<|image_pad|>`` 151655, ``<|video_pad|>`` 151656 ... ``<|file_sep|>`` 151664).
+
+Other Qwen families register their shapes from their own module (:func:`register_random_family`); the
+modules ``holitom_cli/models/qwen*_random.py`` are imported when this module loads, so their shapes appear
+in ``QWEN_SHAPES`` (the ``--shape`` choices of ``random_model``) and :func:`save_random_qwen` /
+:func:`build_random_qwen` route them to the registering family's builders.
 """
 
 from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -211,12 +217,48 @@ def _fill_random(model: Any, seed: int) -> None:
                 param.copy_(torch.randn(param.shape, generator=gen) * std)
 
 
+@dataclass(frozen=True)
+class RandomFamily:
+    """Random checkpoints of another Qwen family, registered from that family's own module.
+
+    label: the family's display name (e.g. "Qwen3-VL"). shapes: shape name -> that family's spec.
+    build(shape, dtype=..., seed=...) -> (model, tokenizer); save(out_dir, shape=..., dtype=..., seed=...)
+    -> the folder written.
+    """
+
+    label: str
+    shapes: Mapping[str, Any]
+    build: Callable[..., tuple[Any, Any]]
+    save: Callable[..., Path]
+
+
+#: Shape name -> the family that registered it (Qwen2.5-VL's own shapes are not listed here).
+RANDOM_FAMILIES: dict[str, RandomFamily] = {}
+
+
+def register_random_family(family: RandomFamily) -> None:
+    """Add a family's shapes to ``QWEN_SHAPES`` and route them to its builders (idempotent per family)."""
+    for name, spec in family.shapes.items():
+        owner = RANDOM_FAMILIES.get(name)
+        if (name in QWEN_SHAPES and owner is None) or (owner is not None and owner.label != family.label):
+            raise ValueError(f"random shape {name!r} is already registered")
+        RANDOM_FAMILIES[name] = family
+        QWEN_SHAPES[name] = spec
+
+
+def family_label(shape: str) -> str:
+    """The display name of the family a shape belongs to ("Qwen2.5-VL" for this module's own shapes)."""
+    return RANDOM_FAMILIES[shape].label if shape in RANDOM_FAMILIES else "Qwen2.5-VL"
+
+
 def build_random_qwen(shape: str, dtype: str = "float32", seed: int = 0) -> tuple[Any, Any]:
     """``(model, tokenizer)`` of a shape, weights allocated directly in ``dtype``."""
     import torch
     from transformers import Qwen2_5_VLForConditionalGeneration
     from transformers.initialization import no_init_weights
 
+    if shape in RANDOM_FAMILIES:
+        return RANDOM_FAMILIES[shape].build(shape, dtype=dtype, seed=seed)
     if shape not in QWEN_SHAPES:
         raise ValueError(f"unknown shape {shape!r}; choose one of {', '.join(QWEN_SHAPES)}")
     spec = QWEN_SHAPES[shape]
@@ -245,6 +287,8 @@ def save_random_qwen(
     out_dir: str | Path, shape: str = "qwen2_5_vl-tiny", dtype: str = "float32", seed: int = 0
 ) -> Path:
     """Build a random checkpoint of ``shape`` and save it to ``out_dir`` (created). Returns the folder."""
+    if shape in RANDOM_FAMILIES:
+        return RANDOM_FAMILIES[shape].save(out_dir, shape=shape, dtype=dtype, seed=seed)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     model, tokenizer = build_random_qwen(shape, dtype=dtype, seed=seed)
@@ -257,3 +301,17 @@ def save_random_qwen(
     for name, content in preprocessor_configs(shape).items():
         (out / name).write_text(json.dumps(content, indent=2) + "\n")
     return out
+
+
+def _register_sibling_families() -> None:
+    """Import ``holitom_cli.models.qwen*_random`` modules: each registers its shapes on import."""
+    import importlib
+    import pkgutil
+
+    package = Path(__file__).resolve().parent
+    for info in pkgutil.iter_modules([str(package)]):
+        if info.name.startswith("qwen") and info.name.endswith("_random"):
+            importlib.import_module(f"holitom_cli.models.{info.name}")
+
+
+_register_sibling_families()
