@@ -76,6 +76,12 @@ def test_out_of_range_options_of_inspect_and_batch(sample_video, tiny_model_dir,
     batch = ["batch", str(sample_video), "-q", "x" * (MAX_QUESTION_CHARS + 1), *out, *model]
     _assert_refused(runner.invoke(app, batch), f"{MAX_QUESTION_CHARS:,}")
     assert not (tmp_path / "answers.jsonl").exists()
+    # questions read from a file (and manifests) get the same bound as -q
+    qfile = tmp_path / "questions.txt"
+    qfile.write_text("What moves?\n" + "y" * (MAX_QUESTION_CHARS + 1) + "\n", encoding="utf-8")
+    batch = ["batch", str(sample_video), "--questions", str(qfile), *out, *model]
+    _assert_refused(runner.invoke(app, batch), f"{MAX_QUESTION_CHARS:,}")
+    assert not (tmp_path / "answers.jsonl").exists()
 
 
 @pytest.mark.parametrize(

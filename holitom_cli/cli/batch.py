@@ -48,7 +48,7 @@ from holitom_cli.cli.options import (
     TopPOpt,
     generation_options,
 )
-from holitom_cli.cli.settings import build_config, sampling_options
+from holitom_cli.cli.settings import build_config, check_question_text, sampling_options
 from holitom_cli.errors import ConfigError, HolitomError
 
 PANEL_INPUT = "Input"
@@ -128,7 +128,10 @@ def collect_items(input_path: Path, recursive: bool, questions: list[str]) -> li
             f"{batchio.path_text(input_path.suffix) or 'none'})",
             hint=f"Pass a video ({' '.join(VIDEO_EXTENSIONS)}), a folder of videos or a manifest.",
         )
-    return batchio.build_items(rows, questions)
+    items = batchio.build_items(rows, questions)
+    for item in items:  # questions from files and manifests: the same bounds as -q, before the model loads
+        check_question_text(item.question, f"the question {item.question[:40]!r}")
+    return items
 
 
 class _StopFlag:

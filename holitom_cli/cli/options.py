@@ -128,7 +128,8 @@ TauOpt = Annotated[
     float | None,
     typer.Option(
         "--tau",
-        help="Similarity threshold of temporal merging (0.8 typical, >= 1: off). Overrides the preset.",
+        help="Similarity threshold of temporal merging, in [0, 1] (0.8 typical, 1: off). "
+        "Overrides the preset.",
         rich_help_panel=PANEL_COMPRESSION,
         show_default=False,
     ),
