@@ -13,7 +13,7 @@ import pytest
 import torch
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
-from holitom_cli.errors import ModelError
+from holitom_cli.errors import ConfigError, ModelError
 from holitom_cli.models.inner_merge import AttentionRecipe, attach_inner_merge
 
 N_LAYERS, PROMPT_LEN, V_START, V_LEN, VOCAB = 4, 20, 3, 10, 300
@@ -101,19 +101,28 @@ def sequential_merge(hidden, scores, prune_ratio):
     return out[kept], kept
 
 
-def reference(model, ids, k, prune, n_prompt=None):
-    """(last-position logits, scores (V_LEN,), kept) of a no-cache run with the merge at layer k."""
+SPAN = list(range(V_START, V_START + V_LEN))
+#: visual tokens interleaved with text (as Qwen3-VL's timestamps interleave the temporal patches)
+INTERLEAVED = [3, 4, 5, 8, 9, 10, 13, 14, 15, 16]
+
+
+def reference(model, ids, k, prune, n_prompt=None, visual=SPAN):
+    """(last-position logits, scores (M,), kept) of a no-cache run with the merge at layer k.
+
+    ``visual``: ascending prompt positions of the visual tokens; the others are text and stay.
+    """
     n_prompt = ids.shape[1] if n_prompt is None else n_prompt
     positions = torch.arange(ids.shape[1])[None]
     with torch.no_grad():
         hidden = run_layers(model, model.model.embed_tokens(ids), range(k - 1), positions)
         probs = attention_matrix(model, k - 1, hidden[:, :n_prompt], positions[:, :n_prompt])
-        scores = probs[:, -1, V_START : V_START + V_LEN].mean(0)
+        scores = probs[:, -1, visual].mean(0)
         hidden = run_layers(model, hidden, [k - 1], positions)
-        merged, kept = sequential_merge(hidden[0, V_START : V_START + V_LEN], scores, prune)
-        keep = list(range(V_START)) + [V_START + t for t in kept] + list(range(V_START + V_LEN, ids.shape[1]))
-        hidden = torch.cat([hidden[:, :V_START], merged[None], hidden[:, V_START + V_LEN :]], 1)
-        hidden = run_layers(model, hidden, range(k, N_LAYERS), positions[:, keep])
+        merged, kept = sequential_merge(hidden[0, visual], scores, prune)
+        rows = hidden[0].clone()
+        rows[[visual[t] for t in kept]] = merged
+        keep = [i for i in range(ids.shape[1]) if i not in visual or visual.index(i) in kept]
+        hidden = run_layers(model, rows[keep][None], range(k, N_LAYERS), positions[:, keep])
         return model.lm_head(model.model.norm(hidden))[0, -1], scores, kept
 
 
@@ -144,6 +153,26 @@ def test_prefill_equals_hand_run_reference_with_qk_norms(model, k) -> None:
         hidden = run_layers(model, model.model.embed_tokens(ids), range(k - 1), positions)
         plain = attention_matrix(model, k - 1, hidden, positions, norms=False)
     assert not torch.allclose(plain[:, -1, V_START : V_START + V_LEN].mean(0), scores, atol=1e-3)
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_interleaved_visual_positions_equal_the_reference(model, k) -> None:
+    """arm_positions: only the visual positions are scored and merged, the text between them stays."""
+    ids = prompt(4)
+    expected, scores, kept = reference(model, ids, k, 0.5, visual=INTERLEAVED)
+    with attach_inner_merge(model.model, layer=k, prune_ratio=0.5, recipe=RECIPE) as handle, torch.no_grad():
+        handle.arm_positions(INTERLEAVED)
+        logits = model(ids, use_cache=True).logits[0, -1]
+    torch.testing.assert_close(handle.scores, scores, atol=1e-6, rtol=1e-5)
+    assert handle.kept_index.tolist() == kept and handle.stats.visual_before == len(INTERLEAVED)
+    assert handle.stats.kv_lengths == [PROMPT_LEN] * k + [PROMPT_LEN - 5] * (N_LAYERS - k)
+    torch.testing.assert_close(logits, expected, atol=1e-4, rtol=1e-4)
+    contiguous, _, _ = reference(model, ids, k, 0.5)  # merging a contiguous span instead differs
+    assert not torch.allclose(logits, contiguous, atol=1e-3)
+    with attach_inner_merge(model.model, layer=k, prune_ratio=0.5, recipe=RECIPE) as handle:
+        for bad in ([], [4, 3], [5, 5], [-1, 2]):
+            with pytest.raises(ConfigError):
+                handle.arm_positions(bad)
 
 
 def test_generate_equals_greedy_loop_over_the_recompute(model) -> None:

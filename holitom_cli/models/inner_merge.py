@@ -19,6 +19,8 @@ Usage (batch size 1)::
 
     handle = attach_inner_merge(decoder, layer=K, prune_ratio=r)   # decoder: a Qwen2Model (has .layers)
     handle.arm(visual_start, visual_len)    # the next prefill merges prompt span [start, start + len)
+    handle.arm_positions(positions)         # or: visual tokens at these ascending prompt positions (visual
+                                            # tokens interleaved with text, e.g. Qwen3-VL's timestamps)
     model.generate(...)                     # or a forward with use_cache=True, then decode steps
     handle.stats                            # InnerMergeStats of the last merging prefill, or None
     handle.scores, handle.kept_index        # (M,) scores and (M',) kept span positions of that prefill
@@ -151,8 +153,8 @@ class InnerMergeHandle:
         self.stats: InnerMergeStats | None = None
         self.scores: torch.Tensor | None = None  # (M,) float32 scores of the last merging prefill
         self.kept_index: torch.Tensor | None = None  # (M',) long, kept positions into that visual span
-        self._span: tuple[int, int] | None = None  # armed (start, length)
-        self._pending: tuple[torch.Tensor, int, int, int] | None = None  # (scores (M,), start, M, n)
+        self._span: torch.Tensor | None = None  # armed (M,) ascending prompt positions of the visual tokens
+        self._pending: tuple[torch.Tensor, torch.Tensor, int] | None = None  # (scores (M,), positions, n)
         self._swap: dict[str, Any] | None = None  # kwargs for layers > K in the current forward
         self._swap_len: int | None = None
         self._record: _Record | None = None
@@ -178,7 +180,24 @@ class InnerMergeHandle:
                 f"invalid visual span start={visual_start} length={visual_len}",
                 hint="the start must be >= 0 and the length >= 1",
             )
-        self._span = (int(visual_start), int(visual_len))
+        self._span = torch.arange(int(visual_start), int(visual_start) + int(visual_len))
+
+    def arm_positions(self, positions: Any) -> None:
+        """Merge the visual tokens at these prompt positions (ascending, distinct) of the next prefill.
+
+        For prompts whose visual tokens are interleaved with text (Qwen3-VL puts a timestamp before each
+        temporal patch): only these positions are scored, merged and shortened; the text between them stays.
+        ``arm(start, length)`` is ``arm_positions(range(start, start + length))``.
+        """
+        if not self._hooks:
+            raise ModelError("this inner-merge handle was removed", hint="attach a new handle to the decoder")
+        index = torch.as_tensor(positions, dtype=torch.long).reshape(-1).cpu()
+        if index.numel() < 1 or int(index.min()) < 0 or bool((index[1:] <= index[:-1]).any()):
+            raise ConfigError(
+                f"invalid visual positions ({index.numel()} given)",
+                hint="give at least one position, ascending, distinct, >= 0",
+            )
+        self._span = index
 
     def disarm(self) -> None:
         """Forget an armed span that has not been used yet."""
@@ -210,12 +229,13 @@ class InnerMergeHandle:
         if self._span is None or hidden.shape[1] <= 1:
             return None
         _check_batch(hidden)
-        start, length = self._span
+        positions = self._span
         self._span = None  # one prefill consumes the armed span
         n = hidden.shape[1]
-        if start + length > n:
+        if int(positions[-1]) >= n:
+            start, end = int(positions[0]), int(positions[-1]) + 1
             raise ModelError(
-                f"visual span [{start}, {start + length}) lies outside the prompt of {n} tokens",
+                f"visual span [{start}, {end}) lies outside the prompt of {n} tokens",
                 hint="arm the handle with the span of the visual tokens in the prompt being prefilled",
             )
         cache = layer_cache(kwargs)
@@ -234,7 +254,8 @@ class InnerMergeHandle:
         # falls back to eager attention WITHOUT the causal mask, so its layer K-1 runs bidirectionally in
         # prefill. Here the layer runs untouched (causal); only the last query's row is recomputed aside.
         scores = _last_query_attention(module, hidden, kwargs, self.recipe.qk_norm)  # (n,)
-        self._pending = (scores[start : start + length], start, length, n)
+        positions = positions.to(scores.device)
+        self._pending = (scores.index_select(0, positions), positions, n)
         return None
 
     def _merge_hook(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
@@ -243,7 +264,7 @@ class InnerMergeHandle:
         self._fill_kv_lengths = False
         hidden = _hidden_from(args, kwargs)  # (B, n, C): output of layer K-1
         pending, self._pending = self._pending, None
-        if pending is not None and hidden.shape[1] == pending[3]:
+        if pending is not None and hidden.shape[1] == pending[2]:
             return self._merge(args, kwargs, hidden, *pending)
         mask = kwargs.get("attention_mask")
         if isinstance(mask, torch.Tensor) and mask.dim() == 4:
@@ -278,13 +299,15 @@ class InnerMergeHandle:
         kwargs: dict,
         hidden: torch.Tensor,
         scores: torch.Tensor,
-        start: int,
-        num: int,
+        positions: torch.Tensor,
         n: int,
     ) -> tuple[tuple, dict] | None:
         _check_batch(hidden)
+        device = hidden.device
+        positions = positions.to(device)
+        num = int(positions.numel())
         merged, kept = merge_visual_states(
-            hidden[0, start : start + num], scores, self.prune_ratio
+            hidden[0].index_select(0, positions), scores, self.prune_ratio
         )  # (k,C),(k,)
         keep = int(kept.numel())
         self.stats = InnerMergeStats(visual_before=num, visual_after=keep)
@@ -293,15 +316,14 @@ class InnerMergeHandle:
         if keep == num:  # nothing removed: leave every tensor untouched (bit-exact with the plain model)
             self._record = None
             return None
-        device = hidden.device
-        keep_full = torch.cat(
-            [
-                torch.arange(start, device=device),
-                kept.to(device) + start,
-                torch.arange(start + num, n, device=device),
-            ]
-        )  # (n',) ascending positions kept at layers >= K
-        new_hidden = torch.cat([hidden[:, :start], merged[None], hidden[:, start + num :]], dim=1)  # (1,n',C)
+        kept_pos = positions.index_select(0, kept.to(device))  # (k,) prompt positions of the kept tokens
+        keep_mask = torch.ones(n, dtype=torch.bool, device=device)
+        keep_mask[positions] = False
+        keep_mask[kept_pos] = True  # True = kept at layers >= K (text and the kept visual tokens)
+        keep_full = torch.nonzero_static(keep_mask, size=n - num + keep).squeeze(1)  # (n',) ascending, kept
+        new_hidden = hidden[0].index_select(0, keep_full)  # (n', C)
+        new_hidden[torch.searchsorted(keep_full, kept_pos)] = merged.to(new_hidden.dtype)
+        new_hidden = new_hidden[None]  # (1, n', C)
         swap: dict[str, Any] = {}
         cos, sin = _rope_pair(kwargs, n)  # (1, n, d) each (M-RoPE: sections already interleaved)
         swap["position_embeddings"] = (cos.index_select(-2, keep_full), sin.index_select(-2, keep_full))
