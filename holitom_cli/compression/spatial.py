@@ -37,13 +37,20 @@ def dynamic_keep_count(num_dynamic: int, ratio: float) -> int:
 def pairwise_distance(x: torch.Tensor) -> torch.Tensor:
     """(S, C) -> (S, S) float32 Euclidean distances divided by sqrt(C); exactly symmetric, zero diagonal.
 
-    Computed from a float64 Gram matrix (fast, and far more precise than float32 differences), symmetrised
-    so that ``D[i, j] == D[j, i]`` bit for bit (density ties must be exact ties).
+    Computed from a float64 Gram matrix (far more precise than float32 differences or a float32 Gram;
+    a float32 Gram changes DPC-KNN decisions on real-sized features). Only the upper triangle is
+    multiplied out, in row blocks (about 2/3 of the full product's work), and mirrored, so that
+    ``D[i, j] == D[j, i]`` bit for bit (density ties must be exact ties).
     """
     x64 = x.double()
-    gram = x64 @ x64.T  # (S, S)
-    gram = (gram + gram.T) / 2
-    sq_norm = gram.diagonal()
+    num = x64.shape[0]
+    step = -(-num // 4) if num >= 64 else max(num, 1)  # 4 row blocks: 10 of 16 block products
+    gram = torch.zeros(num, num, dtype=torch.float64, device=x.device)
+    for i in range(0, num, step):
+        gram[i : i + step, i:] = x64[i : i + step] @ x64[i:].T  # rows i.. against rows i..S-1
+    gram = gram.triu()  # (S, S) upper triangle, diagonal included
+    sq_norm = gram.diagonal().clone()
+    gram = gram + gram.T  # exactly symmetric; the diagonal is doubled, and unused below
     sq_dist = (sq_norm[:, None] + sq_norm[None, :] - 2 * gram).clamp_(min=0.0)
     sq_dist.fill_diagonal_(0.0)
     return (sq_dist.sqrt() / math.sqrt(x.shape[-1])).float()
