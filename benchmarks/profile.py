@@ -26,16 +26,21 @@ def _prepared_path(cache: Path, model_name: str, frames: int) -> Path:
 
 
 def save_prepared(video: Any, cache: Path, frames: int) -> Path:
-    """Store the question-independent vision outputs of a PreparedVideo (features, attention, newline)."""
+    """Store the question-independent vision outputs of a PreparedVideo (its VisualTokens' tensors)."""
     path = _prepared_path(cache, video.model_name, frames)
     path.parent.mkdir(parents=True, exist_ok=True)
+    tokens = video.tokens
     torch.save(
         {
-            "features": video.features,
-            "attention": video.attention,
-            "newline": video.newline,
-            "grid": video.grid,
+            "features": tokens.features,
+            "saliency": tokens.saliency,
+            "suffix": tokens.suffix,
+            "grid": list(tokens.grid),
+            "unit_times": list(tokens.unit_times),
+            "frames_per_unit": tokens.frames_per_unit,
+            "layout": dict(tokens.layout),
             "vision_s": video.vision_s,
+            "vision_flops": video.vision_flops,
             "model_name": video.model_name,
             "indices": list(video.clip.indices),
         },
@@ -46,6 +51,7 @@ def save_prepared(video: Any, cache: Path, frames: int) -> Path:
 
 def load_prepared(pipe: Any, video_path: Path, cache: Path, frames: int) -> Any:
     """A PreparedVideo from the stored vision outputs (same model, same frames), or a fresh one."""
+    from holitom_cli.models.base import VisualTokens
     from holitom_cli.pipeline import PreparedVideo, SamplingOptions
     from holitom_cli.video import load_video
 
@@ -53,16 +59,27 @@ def load_prepared(pipe: Any, video_path: Path, cache: Path, frames: int) -> Any:
     if path.is_file():
         saved = torch.load(path)
         clip = load_video(video_path, num_frames=frames)
-        if saved["model_name"] == pipe.model.name and saved["indices"] == list(clip.indices):
+        if (
+            saved["model_name"] == pipe.model.name
+            and saved["indices"] == list(clip.indices)
+            and "saliency" in saved
+        ):
             log(f"reusing the vision outputs stored in {path}")
+            tokens = VisualTokens(
+                features=saved["features"],
+                saliency=saved["saliency"],
+                grid=tuple(saved["grid"]),
+                unit_times=saved["unit_times"],
+                suffix=saved["suffix"],
+                frames_per_unit=saved["frames_per_unit"],
+                layout=saved["layout"],
+            )
             return PreparedVideo(
                 clip=clip,
-                features=saved["features"],
-                attention=saved["attention"],
-                newline=saved["newline"],
-                grid=tuple(saved["grid"]),
+                tokens=tokens,
                 vision_s=saved["vision_s"],
                 model_name=saved["model_name"],
+                vision_flops=saved["vision_flops"],
             )
     log(f"running the vision tower on {frames} frames")
     video = pipe.prepare_video(video_path, SamplingOptions(frames=frames))

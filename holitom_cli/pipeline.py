@@ -98,27 +98,50 @@ class GenerationOptions:
 class PreparedVideo:
     """A decoded video and its question-independent vision outputs, reused by every question.
 
-    clip: the decoded frames (T, H, W, 3) uint8 RGB and their metadata; features: (T, N, C) projected pooled
-    tokens; attention: (T, N) float32 vision saliency; newline: (C,) the ``image_newline`` embedding.
+    clip: the decoded frames (T, H, W, 3) uint8 RGB and their metadata; tokens: the adapter's
+    ``VisualTokens`` (features (T', N, C), saliency (T', N), grid (rows, cols), unit_times, suffix) over T'
+    temporal units; vision_flops: FLOPs the vision side spent on them (the adapter's count).
     """
 
     clip: VideoClip
-    features: Any
-    attention: Any
-    newline: Any
-    grid: tuple[int, int]
+    tokens: Any
     vision_s: float
     model_name: str
     vision_peak_bytes: int = 0  # CUDA: peak allocated while the vision tower ran (0 on other devices)
+    vision_flops: float = 0.0
     _compressed: dict[tuple, tuple[Any, float]] = field(default_factory=dict, repr=False)
 
     @property
-    def num_frames(self) -> int:
-        return int(self.features.shape[0])
+    def features(self) -> Any:
+        return self.tokens.features
 
     @property
-    def tokens_per_frame(self) -> int:
-        return int(self.features.shape[1])
+    def attention(self) -> Any:
+        """(T', N) float32 vision saliency (what HoliTom's attention selection reads)."""
+        return self.tokens.saliency
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        return self.tokens.grid
+
+    @property
+    def num_frames(self) -> int:
+        """Sampled frames T (decoded)."""
+        return int(self.clip.frames.shape[0])
+
+    @property
+    def num_units(self) -> int:
+        """Temporal units T' (LLaVA-OneVision: frames; Qwen2.5-VL: temporal patches of 2 frames)."""
+        return self.tokens.num_units
+
+    @property
+    def tokens_per_unit(self) -> int:
+        return self.tokens.tokens_per_unit
+
+    @property
+    def num_input_tokens(self) -> int:
+        """T' N visual tokens before any merging (the suffix not included)."""
+        return self.num_units * self.tokens_per_unit
 
     @property
     def decode_s(self) -> float:
@@ -147,11 +170,8 @@ def check_question(question: Any) -> str:
 
 
 def context_length(model: Any) -> int | None:
-    """The language model's context (``text_config.max_position_embeddings``), or None when unknown."""
-    config = getattr(model, "config", None)
-    text = getattr(config, "text_config", None) or config
-    value = getattr(text, "max_position_embeddings", None)
-    return int(value) if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
+    """The language model's context (the adapter's ``LanguageDims.context``), or None when unknown."""
+    return model.language_dims().context
 
 
 def _context_error(prompt_tokens: int, visual: int | None, max_new_tokens: int, context: int) -> ConfigError:
@@ -241,21 +261,25 @@ class Pipeline:
             torch.cuda.reset_peak_memory_stats(device)
         _sync(device)
         start = time.perf_counter()
-        pixels = self.model.preprocess(clip.frames)
-        vision = self.model.encode_video(pixels, on_progress=on_progress)
+        meta = clip.meta
+        pixels = self.model.preprocess(
+            clip.frames,
+            list(clip.timestamps),
+            video_fps=meta.fps or None,
+            total_frames=meta.frame_count or None,
+        )
+        tokens = self.model.encode_video(pixels, on_progress=on_progress)
         del pixels
         _sync(device)
         vision_s = time.perf_counter() - start
         on_cuda = getattr(device, "type", None) == "cuda"
         return PreparedVideo(
             clip=clip,
-            features=vision.features,
-            attention=vision.attention,
-            newline=vision.newline,
-            grid=vision.grid,
+            tokens=tokens,
             vision_s=vision_s,
             model_name=self.model.name,
             vision_peak_bytes=peak_memory_bytes(device) if on_cuda else 0,
+            vision_flops=float(self.model.vision_flops(tokens)),
         )
 
     def compress(self, video: PreparedVideo, cfg: Any) -> Any:
@@ -271,7 +295,7 @@ class Pipeline:
             return result, seconds, True
         _sync(self.model.device)
         start = time.perf_counter()
-        result = compress_video_tokens(video.features, video.attention, cfg)
+        result = compress_video_tokens(video.tokens.features, video.tokens.saliency, cfg)
         _sync(self.model.device)
         seconds = time.perf_counter() - start
         video._compressed[key] = (result, seconds)
@@ -289,8 +313,7 @@ class Pipeline:
         fit the context. Returns the prompt's text tokens; raises ConfigError otherwise."""
         check_question(question)
         options = options or GenerationOptions()
-        input_ids, _ = self.model.build_prompt(question, 1)
-        text_tokens = int(input_ids.shape[-1]) - 1
+        text_tokens = self.model.text_tokens(question)
         context = self.context_length
         if context is not None and text_tokens + 1 + options.max_new_tokens > context:
             raise _context_error(text_tokens + 1, None, options.max_new_tokens, context)
@@ -316,68 +339,79 @@ class Pipeline:
             raise ConfigError(
                 "this video was prepared with another model", hint="call prepare_video with this pipeline"
             )
-        frames, per_frame = video.num_frames, video.tokens_per_frame
-        compression, compress_s, compress_reused, inner_layer = None, 0.0, False, None
-        if cfg is None:
-            visual = video.features.reshape(frames * per_frame, -1)  # (T*N, C)
-            after_temporal = frames * per_frame
-        else:
-            compression, compress_s, compress_reused = self._compress_timed(video, cfg)
-            visual = compression.features  # (M, C)
-            after_temporal = compression.num_after_temporal
-            inner_layer = cfg.resolve_inner_layer(self.model.num_layers)
+        outer = self._outer(video, cfg)
+        inner_layer = cfg.resolve_inner_layer(self.model.num_layers) if cfg is not None else None
         if getattr(self.model.device, "type", None) == "cuda":  # per answer; the vision peak is added below
             torch.cuda.reset_peak_memory_stats(self.model.device)
         llm_start = time.perf_counter()
-        embeds = torch.cat([visual.to(video.newline.dtype), video.newline[None]])  # (M + 1, C)
-        input_ids, visual_start = self.model.build_prompt(question, int(embeds.shape[0]))
-        context = self.context_length
-        if context is not None and int(input_ids.shape[-1]) + options.max_new_tokens > context:
-            raise _context_error(
-                int(input_ids.shape[-1]), int(embeds.shape[0]), options.max_new_tokens, context
-            )
+        inputs = self.model.build_prompt(question, outer.span)
+        self._check_context(inputs, options)
         if options.seed is not None:
             torch.manual_seed(options.seed)
         result = self.model.generate(
-            input_ids,
-            embeds,
+            inputs,
+            outer.span,
             max_new_tokens=options.max_new_tokens,
             temperature=options.temperature,
             top_p=options.top_p,
             on_text=on_text,
             inner_layer=inner_layer,
             inner_prune_ratio=cfg.inner_prune_ratio if cfg is not None else 0.0,
-            visual_start=visual_start,
         )
         end = time.perf_counter()
-        into_llm = int(embeds.shape[0])
-        inner = None
-        if inner_layer is not None:
-            st = result.inner_stats
-            before = st.visual_before if st is not None else into_llm
-            after = st.visual_after if st is not None else into_llm
-            kv = list(st.kv_lengths) if st is not None and st.kv_lengths is not None else None
-            inner = InnerStats(
-                inner_layer, float(cfg.inner_prune_ratio), before, after, kv, int(self.model.num_layers)
-            )
-        prompt_without_video = result.prompt_tokens - into_llm
+        stats = self._stats(video, cfg, options, outer, inner_layer, result, llm_start, end)
+        return Answer(result.text, stats, list(result.token_ids), outer.compression)
+
+    # ------------------------------------------------------------------------------------------- steps
+
+    def _outer(self, video: PreparedVideo, cfg: Any) -> _Outer:
+        """The visual span that goes into the prompt: every token, or HoliTom's outer stage's output."""
+        from holitom_cli.models.base import span_from_compression, uncompressed_span
+
+        if cfg is None:
+            return _Outer(uncompressed_span(video.tokens), None, 0.0, False, video.num_input_tokens)
+        compression, seconds, reused = self._compress_timed(video, cfg)
+        span = span_from_compression(video.tokens, compression)
+        return _Outer(span, compression, seconds, reused, int(compression.num_after_temporal))
+
+    def _check_context(self, inputs: Any, options: GenerationOptions) -> None:
+        context = self.context_length
+        prompt = int(inputs.input_ids.shape[-1])
+        if context is not None and prompt + options.max_new_tokens > context:
+            raise _context_error(prompt, inputs.visual_len, options.max_new_tokens, context)
+
+    def _inner_stats(self, cfg: Any, layer: int | None, result: Any, into_llm: int) -> InnerStats | None:
+        if layer is None:
+            return None
+        st = result.inner_stats
+        before = st.visual_before if st is not None else into_llm
+        after = st.visual_after if st is not None else into_llm
+        kv = list(st.kv_lengths) if st is not None and st.kv_lengths is not None else None
+        return InnerStats(layer, float(cfg.inner_prune_ratio), before, after, kv, int(self.model.num_layers))
+
+    def _stats(
+        self, video: PreparedVideo, cfg: Any, options: GenerationOptions, outer: _Outer,
+        inner_layer: int | None, result: Any, llm_start: float, end: float,
+    ) -> AnswerStats:  # fmt: skip
+        into_llm = len(outer.span)
+        inner = self._inner_stats(cfg, inner_layer, result, into_llm)
         tokens = TokenStats(
-            input=frames * per_frame,
-            after_temporal=int(after_temporal),
+            input=video.num_input_tokens,
+            after_temporal=outer.after_temporal,
             into_llm=into_llm,
             after_inner=inner.visual_after if inner is not None else into_llm,
         )
-        flops = self._flops(video, prompt_without_video, tokens, inner, cfg, compression)
+        flops = self._flops(video, result.prompt_tokens - into_llm, tokens, inner, cfg, outer.compression)
         # Every part is a measured span; ttft and total are their sums (docs/pipeline.md), so
         # total_s = decode_video_s + ttft_s + generation_s >= ttft_s always, for a reused video too.
-        prompt_s = result.started_at - llm_start  # embeddings, prompt tokens, context check
+        prompt_s = result.started_at - llm_start  # span, prompt tokens and positions, context check
         first_token_at = result.started_at + result.prefill_s
         generation_s = max(end - first_token_at, 0.0)  # the rest of the answer, after the first token
-        ttft_s = video.vision_s + compress_s + prompt_s + result.prefill_s
+        ttft_s = video.vision_s + outer.seconds + prompt_s + result.prefill_s
         timings = TimingStats(
             decode_video_s=video.decode_s,
             vision_s=video.vision_s,
-            compress_s=compress_s,
+            compress_s=outer.seconds,
             prompt_s=prompt_s,
             prefill_s=result.prefill_s,
             ttft_s=ttft_s,
@@ -385,7 +419,7 @@ class Pipeline:
             decode_tokens_per_s=result.decode_tokens_per_s,
             total_s=video.decode_s + ttft_s + generation_s,
         )
-        stats = AnswerStats(
+        return AnswerStats(
             tokens=tokens,
             flops=flops,
             timings=timings,
@@ -394,18 +428,12 @@ class Pipeline:
             new_tokens=result.new_tokens,
             prompt_tokens=result.prompt_tokens,
             inner=inner,
-            reused={"compression": compress_reused},
+            reused={"compression": outer.reused},
             model=self.model.describe(),
-            video={
-                **video.clip.meta.to_dict(),
-                "sampled_frames": frames,
-                "indices": list(video.clip.indices),
-                "tokens_per_frame": per_frame,
-            },
+            video=video_stats(video),
             holitom=cfg.to_dict() if cfg is not None else None,
             generation=options.to_dict(),
         )
-        return Answer(result.text, stats, list(result.token_ids), compression)
 
     # ------------------------------------------------------------------------------------------- FLOPs
 
@@ -414,25 +442,24 @@ class Pipeline:
 
         lm = self.model.language_dims()
         return LanguageModelShape(
-            num_layers=lm["num_layers"],
-            hidden_size=lm["hidden_size"],
-            ffn_size=lm["intermediate_size"],
-            num_heads=lm["num_heads"],
-            num_kv_heads=lm["num_kv_heads"],
-            head_dim=lm["hidden_size"] // lm["num_heads"],
-            vocab_size=lm["vocab_size"],
+            num_layers=lm.num_layers,
+            hidden_size=lm.hidden_size,
+            ffn_size=lm.intermediate_size,
+            num_heads=lm.num_heads,
+            num_kv_heads=lm.num_kv_heads,
+            head_dim=lm.head_dim,
+            vocab_size=lm.vocab_size,
         )
 
     def paper_flops(self, video: PreparedVideo, cfg: Any, compression: Any) -> tuple[float, float]:
-        """LLM prefill FLOPs by the paper's formula (visual tokens only): (full model, this setting).
-
-        ``cfg``/``compression`` None means no compression (both numbers are the full model's).
-        """
+        """LLM prefill FLOPs by the paper's formula (visual tokens only, suffix tokens excluded):
+        (full model, this setting). ``cfg``/``compression`` None means no compression (both numbers are
+        the full model's)."""
         from holitom_cli.compression import paper_prefill_flops
 
         shape = self._language_shape()
         kw = {"num_layers": shape.num_layers, "hidden_size": shape.hidden_size, "ffn_size": shape.ffn_size}
-        baseline = paper_prefill_flops(**kw, visual_tokens=video.num_frames * video.tokens_per_frame)
+        baseline = paper_prefill_flops(**kw, visual_tokens=video.num_input_tokens)
         if cfg is None or compression is None:
             return baseline, baseline
         layer = cfg.resolve_inner_layer(shape.num_layers)
@@ -453,27 +480,41 @@ class Pipeline:
         cfg: Any,
         compression: Any,
     ) -> FlopStats:
-        from holitom_cli.compression import VisionShape, exact_prefill_flops, vision_flops
+        from holitom_cli.compression import exact_prefill_flops
 
         shape = self._language_shape()
-        full_visual = video.num_frames * video.tokens_per_frame
-        baseline = exact_prefill_flops(shape, text_tokens + full_visual + 1)["total"]
+        full_visual = video.num_input_tokens + video.tokens.num_suffix  # the uncompressed span
+        baseline = exact_prefill_flops(shape, text_tokens + full_visual)["total"]
         removed = (inner.visual_before - inner.visual_after) if inner is not None else 0
         holitom = exact_prefill_flops(
             shape, text_tokens + tokens.into_llm, removed, inner.layer if inner is not None else None
         )["total"]
         paper_baseline, paper_holitom = self.paper_flops(video, cfg, compression)
-        vd = self.model.vision_dims()
-        vshape = VisionShape(
-            num_layers=vd["num_layers"],
-            hidden_size=vd["hidden_size"],
-            intermediate_size=vd["intermediate_size"],
-            num_heads=vd["num_heads"],
-            patches=vd["num_patches"],
-            projector_in=vd["hidden_size"],
-            projector_hidden=vd["projector_dim"],
-            projector_out=vd["projector_dim"],
-        )
-        return FlopStats(
-            baseline, holitom, paper_baseline, paper_holitom, vision_flops(vshape, video.num_frames)
-        )
+        return FlopStats(baseline, holitom, paper_baseline, paper_holitom, video.vision_flops)
+
+
+@dataclass(frozen=True)
+class _Outer:
+    """What the outer stage gives one answer: the span, the compression (None without), its time (the
+    stored one when reused), whether it came from the cache, and the token count after temporal merging."""
+
+    span: Any
+    compression: Any
+    seconds: float
+    reused: bool
+    after_temporal: int
+
+
+def video_stats(video: PreparedVideo) -> dict[str, Any]:
+    """The ``video`` object of the statistics: the file's metadata, the sampled frames, the token grid."""
+    tokens = video.tokens
+    return {
+        **video.clip.meta.to_dict(),
+        "sampled_frames": video.num_frames,
+        "indices": list(video.clip.indices),
+        "temporal_units": tokens.num_units,
+        "frames_per_unit": tokens.frames_per_unit,
+        "tokens_per_unit": tokens.tokens_per_unit,
+        "grid": list(tokens.grid),
+        "tokens_per_frame": tokens.tokens_per_unit,  # schema 1 name: tokens per temporal unit
+    }

@@ -3,9 +3,11 @@
 Pillow + numpy only (no torch import): tensors from a ``CompressionResult`` are read through
 ``np.asarray`` / ``.tolist()``, so numpy arrays work as well.
 
-One PNG contact sheet (:func:`render_merge_map`) shows every sampled frame as a square tile (the frame
-resized to the square the vision tower sees) with the ``grid x grid`` token grid over it. Each cell
-``(t, p)`` (frame ``t``, spatial index ``p`` in row-major order, row = p // grid) is in one state:
+One PNG contact sheet (:func:`render_merge_map`) shows every temporal unit (a sampled frame for
+LLaVA-OneVision; for families whose unit spans several frames, the caller passes the unit's first frame) as a
+tile with the ``rows x cols`` token grid over it (the frame resized to the grid's shape: square for
+LLaVA-OneVision, the resized video's aspect for Qwen2.5-VL). Each cell ``(t, p)`` (unit ``t``, spatial index
+``p`` in row-major order, row = p // cols) is in one state:
 
 - **kept**: a per-frame (dynamic) token that goes to the LLM -> outlined in :data:`KEPT_COLOUR`;
 - **merged**: a position merged temporally over its segment, drawn on the segment's first frame (where
@@ -69,9 +71,17 @@ HEADER_H = 62  # timeline: title row, bar, frame-number row
 BAR_H = 20
 MAX_COLUMNS = 8
 MIN_WIDTH = 760
-DEFAULT_TILE = 160  # target tile size in pixels, rounded to a multiple of grid
+DEFAULT_TILE = 160  # target size of a tile's longer side in pixels, rounded to a multiple of the grid
 MIN_GIF_TILE = 320  # smallest tile of a GIF picture (the tile spans the canvas)
 FONT_SIZE = 12
+
+
+def grid_shape(grid: int | Sequence[int]) -> tuple[int, int]:
+    """(rows, cols) of a token grid given as a side (square) or as (rows, cols)."""
+    rows, cols = (grid, grid) if isinstance(grid, int) else (int(grid[0]), int(grid[1]))
+    if rows < 1 or cols < 1:
+        raise ValueError(f"need a grid of at least 1 x 1 tokens, got {rows} x {cols}")
+    return rows, cols
 
 
 @dataclass(frozen=True)
@@ -79,14 +89,28 @@ class MergeMapLayout:
     """Where things are on the sheet: pixel boxes ``(x0, y0, x1, y1)``, ends exclusive."""
 
     num_tiles: int
-    grid: int
-    cell: int  # pixels per token cell
-    columns: int
+    rows_cells: int  # token grid rows
+    cols_cells: int  # token grid columns
+    cell: int  # pixels per token cell (square cells)
+    columns: int  # tiles per sheet row
     width: int
 
     @property
+    def grid(self) -> tuple[int, int]:
+        return self.rows_cells, self.cols_cells
+
+    @property
+    def tile_width(self) -> int:
+        return self.cols_cells * self.cell
+
+    @property
+    def tile_height(self) -> int:
+        return self.rows_cells * self.cell
+
+    @property
     def tile(self) -> int:
-        return self.grid * self.cell
+        """A tile's width (its side for a square grid)."""
+        return self.tile_width
 
     @property
     def rows(self) -> int:
@@ -98,7 +122,7 @@ class MergeMapLayout:
 
     @property
     def tiles_bottom(self) -> int:
-        return self.tiles_top + self.rows * (self.tile + LABEL_H + GAP) - GAP
+        return self.tiles_top + self.rows * (self.tile_height + LABEL_H + GAP) - GAP
 
     @property
     def content_width(self) -> int:
@@ -116,48 +140,57 @@ class MergeMapLayout:
         if not 0 <= tile_index < self.num_tiles:
             raise IndexError(f"tile {tile_index} out of range 0..{self.num_tiles - 1}")
         col, row = tile_index % self.columns, tile_index // self.columns
-        x0 = MARGIN + col * (self.tile + GAP)
-        y0 = self.tiles_top + row * (self.tile + LABEL_H + GAP)
-        return x0, y0, x0 + self.tile, y0 + self.tile
+        x0 = MARGIN + col * (self.tile_width + GAP)
+        y0 = self.tiles_top + row * (self.tile_height + LABEL_H + GAP)
+        return x0, y0, x0 + self.tile_width, y0 + self.tile_height
 
     def cell_box(self, tile_index: int, cell_index: int) -> tuple[int, int, int, int]:
-        """Box of token ``cell_index`` (row-major, row = cell_index // grid) on tile ``tile_index``."""
-        if not 0 <= cell_index < self.grid * self.grid:
-            raise IndexError(f"cell {cell_index} out of range 0..{self.grid * self.grid - 1}")
+        """Box of token ``cell_index`` (row-major, row = cell_index // cols) on tile ``tile_index``."""
+        if not 0 <= cell_index < self.rows_cells * self.cols_cells:
+            raise IndexError(f"cell {cell_index} out of range 0..{self.rows_cells * self.cols_cells - 1}")
         tx, ty, _, _ = self.tile_box(tile_index)
-        row, col = divmod(cell_index, self.grid)
+        row, col = divmod(cell_index, self.cols_cells)
         x0, y0 = tx + col * self.cell, ty + row * self.cell
         return x0, y0, x0 + self.cell, y0 + self.cell
 
 
-def merge_map_layout(num_tiles: int, grid: int = 14, tile: int | None = None) -> MergeMapLayout:
-    """Layout of a sheet with ``num_tiles`` tiles; ``tile`` is the wanted tile size (rounded to the grid)."""
-    if num_tiles < 1 or grid < 1:
-        raise ValueError(f"need at least one tile and a grid >= 1, got {num_tiles} tiles, grid {grid}")
-    cell = max(2, (tile if tile is not None else DEFAULT_TILE) // grid)
+def merge_map_layout(
+    num_tiles: int, grid: int | Sequence[int] = 14, tile: int | None = None
+) -> MergeMapLayout:
+    """Layout of a sheet with ``num_tiles`` tiles of a ``grid`` (side, or (rows, cols)) of token cells;
+    ``tile`` is the wanted size of a tile's longer side (rounded to the grid)."""
+    if num_tiles < 1:
+        raise ValueError(f"need at least one tile, got {num_tiles}")
+    rows, cols = grid_shape(grid)
+    side = max(rows, cols)
+    cell = max(2, (tile if tile is not None else DEFAULT_TILE) // side)
     if tile is None:
-        cell = max(cell, math.ceil(DEFAULT_TILE / grid))
+        cell = max(cell, math.ceil(DEFAULT_TILE / side))
     columns = min(num_tiles, MAX_COLUMNS)
-    width = max(MIN_WIDTH, 2 * MARGIN + columns * (grid * cell + GAP) - GAP)
-    return MergeMapLayout(num_tiles=num_tiles, grid=grid, cell=cell, columns=columns, width=width)
+    width = max(MIN_WIDTH, 2 * MARGIN + columns * (cols * cell + GAP) - GAP)
+    return MergeMapLayout(num_tiles, rows, cols, cell, columns, width)
 
 
-def gif_layout(grid: int = 14, tile: int | None = None) -> MergeMapLayout:
+def gif_layout(grid: int | Sequence[int] = 14, tile: int | None = None) -> MergeMapLayout:
     """Layout of one GIF picture: a single tile that spans the whole content width of the canvas.
 
-    ``tile`` None fills a :data:`MIN_WIDTH` canvas; a given ``tile`` is rounded down to a multiple of ``grid``
-    (at least :data:`MIN_GIF_TILE` pixels, so the timeline and the caption stay readable), and the canvas
-    is as wide as the tile plus the margins.
+    ``tile`` None fills a :data:`MIN_WIDTH` canvas; a given ``tile`` (the tile's width) is rounded down to a
+    multiple of the grid's columns (at least :data:`MIN_GIF_TILE` pixels, so the timeline and the caption
+    stay readable), and the canvas is as wide as the tile plus the margins.
     """
-    if grid < 1:
-        raise ValueError(f"need a grid >= 1, got {grid}")
-    cell = (tile if tile is not None else MIN_WIDTH - 2 * MARGIN) // grid
-    cell = max(2, cell, math.ceil(MIN_GIF_TILE / grid))
-    return MergeMapLayout(num_tiles=1, grid=grid, cell=cell, columns=1, width=2 * MARGIN + grid * cell)
+    rows, cols = grid_shape(grid)
+    cell = (tile if tile is not None else MIN_WIDTH - 2 * MARGIN) // cols
+    cell = max(2, cell, math.ceil(MIN_GIF_TILE / cols))
+    return MergeMapLayout(1, rows, cols, cell, 1, 2 * MARGIN + cols * cell)
 
 
 def cell_box(
-    tile_index: int, cell_index: int, *, num_frames: int, grid: int = 14, tile: int | None = None
+    tile_index: int,
+    cell_index: int,
+    *,
+    num_frames: int,
+    grid: int | Sequence[int] = 14,
+    tile: int | None = None,
 ) -> tuple[int, int, int, int]:
     """Box of a token cell on the contact sheet of :func:`render_merge_map` with the same arguments."""
     return merge_map_layout(num_frames, grid, tile).cell_box(tile_index, cell_index)
@@ -181,22 +214,26 @@ class CellStates:
     compressed: bool
 
 
-def infer_grid(result: Any, default: int = 14) -> int:
-    """Grid side from the result's ``static_mask (S, N)`` (sqrt N), else ``default``."""
+def infer_grid(result: Any, default: int = 14) -> tuple[int, int]:
+    """A square grid from the result's ``static_mask (S, N)`` (sqrt N), else ``default`` x ``default``.
+
+    Only for callers that do not know the grid: a non-square grid must be passed explicitly.
+    """
     mask = getattr(result, "static_mask", None) if result is not None else None
     if mask is None:
-        return default
+        return default, default
     arr = _array(mask)
     n = int(arr.shape[-1]) if arr.ndim == 2 else int(arr.size)
     side = math.isqrt(n)
     if side * side != n:
-        raise ValueError(f"{n} tokens per frame is not a square grid")
-    return side
+        raise ValueError(f"{n} tokens per unit is not a square grid: pass grid=(rows, cols)")
+    return side, side
 
 
-def cell_states(result: Any, num_frames: int, grid: int) -> CellStates:
-    """State of every (frame, position) cell; ``result=None`` (compression off) means all kept."""
-    n = grid * grid
+def cell_states(result: Any, num_frames: int, grid: int | Sequence[int]) -> CellStates:
+    """State of every (unit, position) cell; ``result=None`` (compression off) means all kept."""
+    rows, cols = grid_shape(grid)
+    n = rows * cols
     if result is None:
         return CellStates(
             state=np.full((num_frames, n), KEPT, dtype=np.int8),
@@ -209,7 +246,7 @@ def cell_states(result: Any, num_frames: int, grid: int) -> CellStates:
         raise ValueError(f"segments {segments} do not cover the {num_frames} frames")
     static_mask = _array(result.static_mask, bool).reshape(len(segments), -1)
     if static_mask.shape[1] != n:
-        raise ValueError(f"result has {static_mask.shape[1]} tokens per frame, grid {grid} needs {n}")
+        raise ValueError(f"result has {static_mask.shape[1]} tokens per unit, a {rows} x {cols} grid {n}")
     frame_index = _array(result.frame_index, np.int64).reshape(-1)
     spatial_index = _array(result.spatial_index, np.int64).reshape(-1)
     is_static = _array(result.is_static, bool).reshape(-1)
@@ -227,11 +264,12 @@ def cell_states(result: Any, num_frames: int, grid: int) -> CellStates:
     return CellStates(state=state, centre=centre, segments=segments, compressed=True)
 
 
-def counts_line(result: Any, num_frames: int, grid: int) -> str:
+def counts_line(result: Any, num_frames: int, grid: int | Sequence[int], unit: str = "frame") -> str:
     """One line with the token counts at each stage, from the result's own numbers."""
-    n_in = num_frames * grid * grid
+    rows, cols = grid_shape(grid)
+    n_in = num_frames * rows * cols
     if result is None:
-        return f"tokens: {n_in} ({_plural(num_frames, 'frame')} x {grid * grid}), all kept (compression off)"
+        return f"tokens: {n_in} ({_plural(num_frames, unit)} x {rows * cols}), all kept (compression off)"
     n_in = int(getattr(result, "num_input", n_in))
     after_temporal = int(getattr(result, "num_after_temporal", n_in))
     n_out = int(_array(result.frame_index).reshape(-1).size)
@@ -276,21 +314,22 @@ def _frames_array(frames: Any, timestamps: Sequence[float]) -> np.ndarray:
 
 
 def _draw_tile(frame: np.ndarray, states: np.ndarray, colour: tuple[int, int, int], lay: MergeMapLayout):
-    """Tile image for one frame: ``frame (H, W, 3)`` uint8, ``states (N,)`` -> RGB (tile, tile, 3) array."""
-    g, c = lay.grid, lay.cell
-    px = np.asarray(Image.fromarray(frame).resize((lay.tile, lay.tile), Image.Resampling.BILINEAR))
-    # per-cell view (g, c, g, c, 3): cell (row, col) = px[row*c:(row+1)*c, col*c:(col+1)*c]
-    cells = px.astype(np.float32).reshape(g, c, g, c, 3)
-    st = states.reshape(g, g)
+    """Tile image for one unit: ``frame (H, W, 3)`` uint8, ``states (N,)`` -> RGB (tile_h, tile_w, 3)."""
+    (gr, gc), c = lay.grid, lay.cell
+    size = (lay.tile_width, lay.tile_height)
+    px = np.asarray(Image.fromarray(frame).resize(size, Image.Resampling.BILINEAR))
+    # per-cell view (gr, c, gc, c, 3): cell (row, col) = px[row*c:(row+1)*c, col*c:(col+1)*c]
+    cells = px.astype(np.float32).reshape(gr, c, gc, c, 3)
+    st = states.reshape(gr, gc)
     merged = (st == MERGED)[:, None, :, None, None]
     shade = (1 - SHADE_ALPHA) * cells + SHADE_ALPHA * np.asarray(colour, np.float32)
     cells = np.where(merged, shade, cells)
     cells = np.where((st == FOLDED)[:, None, :, None, None], cells * FOLD_DIM, cells)
     cells = np.where((st == DROPPED)[:, None, :, None, None], cells * DROP_DIM, cells)
-    out = cells.reshape(lay.tile, lay.tile, 3)
-    inner = np.arange(1, g) * c  # inner cell boundaries get a darker 1 px grid line
-    out[inner, :, :] *= GRID_DIM
-    out[:, inner, :] *= GRID_DIM
+    out = cells.reshape(lay.tile_height, lay.tile_width, 3)
+    # inner cell boundaries get a darker 1 px grid line
+    out[np.arange(1, gr) * c, :, :] *= GRID_DIM
+    out[:, np.arange(1, gc) * c, :] *= GRID_DIM
     out = np.rint(out).astype(np.uint8)
     w = lay.outline_width
     for row, col in zip(*np.nonzero(st == KEPT), strict=True):
@@ -301,13 +340,15 @@ def _draw_tile(frame: np.ndarray, states: np.ndarray, colour: tuple[int, int, in
     return out
 
 
-def _draw_timeline(draw: ImageDraw.ImageDraw, cs: CellStates, num_frames: int, lay: MergeMapLayout, hi=None):
+def _draw_timeline(
+    draw: ImageDraw.ImageDraw, cs: CellStates, num_frames: int, lay: MergeMapLayout, hi=None, unit="frame"
+):
     font = _font()
     x0, x1, top = MARGIN, MARGIN + lay.content_width, MARGIN
     title = (
-        f"{_plural(len(cs.segments), 'segment')} over {_plural(num_frames, 'frame')}"
+        f"{_plural(len(cs.segments), 'segment')} over {_plural(num_frames, unit)}"
         if cs.compressed
-        else f"{_plural(num_frames, 'frame')}, compression off: every token kept"
+        else f"{_plural(num_frames, unit)}, compression off: every token kept"
     )
     draw.text((x0, top), title, fill=TEXT_COLOUR, font=font)
     bar_top = top + 18
@@ -323,7 +364,7 @@ def _draw_timeline(draw: ImageDraw.ImageDraw, cs: CellStates, num_frames: int, l
         hx0, hx1 = round(x0 + hi * slot), round(x0 + (hi + 1) * slot) - 1
         draw.rectangle([hx0, bar_top - 3, hx1, bar_top + BAR_H + 2], outline=TEXT_COLOUR, width=2)
     step = max(1, math.ceil(font.getlength(f"{num_frames - 1}  ") / slot))
-    for t in range(0, num_frames, step):  # frame numbers under the bar
+    for t in range(0, num_frames, step):  # unit numbers under the bar
         draw.text(
             (x0 + (t + 0.5) * slot, bar_top + BAR_H + 3), str(t), fill=MUTED_TEXT, font=font, anchor="mt"
         )
@@ -384,8 +425,9 @@ def _draw_footer(img: Image.Image, top: int, lines: list[str], lay: MergeMapLayo
         x += round(item_w)
 
 
-def _footer_lines(caption: str, result: Any, num_frames: int, grid: int, lay: MergeMapLayout) -> list[str]:
-    text = "\n".join(part for part in (caption.strip(), counts_line(result, num_frames, grid)) if part)
+def _footer_lines(caption: str, result: Any, num_frames: int, lay: MergeMapLayout, unit: str) -> list[str]:
+    counts = counts_line(result, num_frames, lay.grid, unit)
+    text = "\n".join(part for part in (caption.strip(), counts) if part)
     return _wrap(text, lay.content_width, _font())
 
 
@@ -407,11 +449,12 @@ def _compose(
     lay: MergeMapLayout,
     footer: list[str],
     highlight: int | None = None,
+    unit: str = "frame",
 ) -> Image.Image:
     height = lay.tiles_bottom + 14 + 16 * len(footer) + 6 + 20 * _legend_rows(lay) + MARGIN
     img = Image.new("RGB", (lay.width, height), BACKGROUND)
     draw = ImageDraw.Draw(img)
-    _draw_timeline(draw, cs, frames.shape[0], lay, highlight)
+    _draw_timeline(draw, cs, frames.shape[0], lay, highlight, unit)
     seg_of = np.zeros(frames.shape[0], dtype=int)
     for k, (s, e) in enumerate(cs.segments):
         seg_of[s : e + 1] = k
@@ -427,8 +470,8 @@ def _compose(
             draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=CENTRE_COLOUR, outline=CENTRE_RING)
         draw.rectangle([x0, y1 + 1, x1 - 1, y1 + 3], fill=colour)  # segment strip under the tile
         label = f"#{t}  {float(timestamps[t]):.2f} s"
-        if highlight is not None:  # GIF: one frame per picture, say which
-            label += f"  ·  frame {t + 1} of {frames.shape[0]}"
+        if highlight is not None:  # GIF: one unit per picture, say which
+            label += f"  ·  {unit} {t + 1} of {frames.shape[0]}"
         draw.text((x0, y1 + 6), label, fill=TEXT_COLOUR, font=font)
     _draw_footer(img, lay.tiles_bottom + 14, footer, lay)
     return img
@@ -436,7 +479,7 @@ def _compose(
 
 def _prepare(frames, timestamps, result, grid):
     arr = _frames_array(frames, timestamps)
-    grid = grid if grid is not None else infer_grid(result)
+    grid = grid_shape(grid) if grid is not None else infer_grid(result)
     return arr, grid, cell_states(result, arr.shape[0], grid)
 
 
@@ -445,22 +488,25 @@ def render_merge_map(
     timestamps: Sequence[float],
     result: Any,
     *,
-    grid: int | None = None,
+    grid: int | Sequence[int] | None = None,
     caption: str = "",
     tile: int | None = None,
+    unit: str = "frame",
 ) -> Image.Image:
-    """Contact sheet of all frames: ``frames (T, H, W, 3)`` uint8 RGB, ``timestamps (T,)`` seconds.
+    """Contact sheet of all temporal units: ``frames (T', H, W, 3)`` uint8 RGB (one picture per unit, e.g.
+    its first frame), ``timestamps (T',)`` seconds.
 
     ``result``: a ``CompressionResult`` (or any object with ``segments``, ``static_mask (S, N)``,
     ``frame_index (M,)``, ``spatial_index (M,)``, ``is_static (M,)``), or None for "compression off".
-    ``grid``: token grid side; None takes sqrt(N) from the result (14 without one).
-    ``tile``: wanted tile size in pixels (rounded down to a multiple of ``grid``). Tile ``i`` shows frame
-    ``i``; locate cells with ``merge_map_layout(T, grid, tile).cell_box(i, p)``.
+    ``grid``: the token grid, (rows, cols) or a side; None takes a square sqrt(N) from the result (14
+    without one). ``tile``: wanted size of a tile's longer side in pixels (rounded down to a multiple of the
+    grid). ``unit``: what a tile is called in the texts ("frame", "unit"). Tile ``i`` shows unit ``i``;
+    locate cells with ``merge_map_layout(T', grid, tile).cell_box(i, p)``.
     """
     arr, grid, cs = _prepare(frames, timestamps, result, grid)
     lay = merge_map_layout(arr.shape[0], grid, tile)
-    footer = _footer_lines(caption, result, arr.shape[0], grid, lay)
-    return _compose(arr, timestamps, cs, list(range(arr.shape[0])), lay, footer)
+    footer = _footer_lines(caption, result, arr.shape[0], lay, unit)
+    return _compose(arr, timestamps, cs, list(range(arr.shape[0])), lay, footer, unit=unit)
 
 
 def render_merge_gif(
@@ -468,20 +514,23 @@ def render_merge_gif(
     timestamps: Sequence[float],
     result: Any,
     *,
-    grid: int | None = None,
+    grid: int | Sequence[int] | None = None,
     caption: str = "",
     tile: int | None = None,
+    unit: str = "frame",
 ) -> list[Image.Image]:
-    """One picture per sampled frame: its tile across the whole canvas width, under the timeline (current
-    frame marked) and over the caption.
+    """One picture per temporal unit: its tile across the whole canvas width, under the timeline (current
+    unit marked) and over the caption.
 
-    Same arguments as :func:`render_merge_map`; ``tile`` defaults to filling a :data:`MIN_WIDTH` canvas.
-    In every picture the tile is at ``gif_layout(grid, tile)`` position 0.
+    Same arguments as :func:`render_merge_map`; ``tile`` (the tile's width) defaults to filling a
+    :data:`MIN_WIDTH` canvas. In every picture the tile is at ``gif_layout(grid, tile)`` position 0.
     """
     arr, grid, cs = _prepare(frames, timestamps, result, grid)
     lay = gif_layout(grid, tile)
-    footer = _footer_lines(caption, result, arr.shape[0], grid, lay)
-    return [_compose(arr, timestamps, cs, [t], lay, footer, highlight=t) for t in range(arr.shape[0])]
+    footer = _footer_lines(caption, result, arr.shape[0], lay, unit)
+    return [
+        _compose(arr, timestamps, cs, [t], lay, footer, highlight=t, unit=unit) for t in range(arr.shape[0])
+    ]
 
 
 # -- saving ----------------------------------------------------------------------------------------------
@@ -515,22 +564,28 @@ def save_merge_map(
     timestamps: Sequence[float],
     result: Any,
     *,
-    grid: int | None = None,
+    grid: int | Sequence[int] | None = None,
     caption: str = "",
     gif: bool = False,
     tile: int | None = None,
     frame_duration_ms: int = 500,
+    unit: str = "frame",
 ) -> Path:
     """Render and write the merge map (PNG, or an animated GIF with ``gif=True``); returns the path."""
     out = check_output_path(path, gif=gif)
     try:
         if gif:
-            pics = render_merge_gif(frames, timestamps, result, grid=grid, caption=caption, tile=tile)
+            pics = render_merge_gif(
+                frames, timestamps, result, grid=grid, caption=caption, tile=tile, unit=unit
+            )
             pics[0].save(
                 out, save_all=True, append_images=pics[1:], duration=frame_duration_ms, loop=0, optimize=False
             )
         else:
-            render_merge_map(frames, timestamps, result, grid=grid, caption=caption, tile=tile).save(out)
+            picture = render_merge_map(
+                frames, timestamps, result, grid=grid, caption=caption, tile=tile, unit=unit
+            )
+            picture.save(out)
     except OSError as exc:
         raise HolitomError(
             f"cannot write the merge map to '{path}': {exc}", hint="choose a writable location"

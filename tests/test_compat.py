@@ -13,6 +13,7 @@ from transformers import DynamicCache, Qwen2Config, Qwen2ForCausalLM
 
 from holitom_cli.errors import ModelError
 from holitom_cli.models import compat
+from holitom_cli.models.base import VisualSpan
 
 
 def _tiny_qwen2() -> Qwen2ForCausalLM:
@@ -142,7 +143,7 @@ def test_video_features_on_the_real_llava_class(tiny_model_dir) -> None:
     vlm = load_model(str(tiny_model_dir), device="cpu", dtype="float32")
     pixels = torch.zeros(1, 2, 3, vlm.preprocessing.size, vlm.preprocessing.size)
     out = compat.video_features(vlm.model.model, pixels, vlm.tokens_per_frame)
-    assert out.shape == (2 * vlm.tokens_per_frame + 1, vlm.language_dims()["hidden_size"])
+    assert out.shape == (2 * vlm.tokens_per_frame + 1, vlm.language_dims().hidden_size)
     # the last row is the model's image_newline parameter itself
     torch.testing.assert_close(out[-1], vlm.model.model.image_newline.to(out.dtype))
 
@@ -153,10 +154,12 @@ def test_an_armed_inner_stage_that_does_not_fire_is_an_error(tiny_model_dir, mon
 
     vlm = load_model(str(tiny_model_dir), device="cpu", dtype="float32")
     num_visual = 5
-    ids, start = vlm.build_prompt("what happens?", num_visual)
-    embeds = torch.randn(num_visual, vlm.language_dims()["hidden_size"])
-    ok = vlm.generate(ids, embeds, max_new_tokens=2, inner_layer=2, inner_prune_ratio=0.5, visual_start=start)
+    embeds = torch.randn(num_visual, vlm.language_dims().hidden_size)
+    where = torch.full((num_visual,), -1)
+    span = VisualSpan(embeds, where, where, where)
+    inputs = vlm.build_prompt("what happens?", span)
+    ok = vlm.generate(inputs, span, max_new_tokens=2, inner_layer=2, inner_prune_ratio=0.5)
     assert ok.inner_stats.kv_lengths is not None
     monkeypatch.setattr(inner_merge, "layer_cache", lambda kwargs: None)
     with pytest.raises(ModelError, match="armed but did not run"):
-        vlm.generate(ids, embeds, max_new_tokens=2, inner_layer=2, inner_prune_ratio=0.5, visual_start=start)
+        vlm.generate(inputs, span, max_new_tokens=2, inner_layer=2, inner_prune_ratio=0.5)

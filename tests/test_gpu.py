@@ -69,8 +69,8 @@ def test_uncompressed_equals_the_transformers_pixel_path_on_cuda(gpu_pipe, gpu_v
     model = gpu_pipe.model.model
     frames = gpu_video.clip.frames
     num_visual = frames.shape[0] * gpu_pipe.model.tokens_per_frame + 1
-    ids, start = gpu_pipe.model.build_prompt(QUESTION, num_visual)
-    pixels = gpu_pipe.model.preprocess(frames)[None]
+    ids, start = gpu_pipe.model.prompt_ids(QUESTION, num_visual)
+    pixels = gpu_pipe.model.preprocess(frames).pixel_values[None]
     with torch.no_grad():
         out = model.generate(
             input_ids=ids,
@@ -88,12 +88,14 @@ def test_inner_stage_cached_decode_on_cuda(gpu_pipe) -> None:
     """Greedy decode on the merged cache equals re-running every step without a cache (same kept set)."""
     vlm = gpu_pipe.model
     num_visual = 12
-    ids, start = vlm.build_prompt(QUESTION, num_visual)
+    from holitom_cli.models.base import VisualSpan
+
     torch.manual_seed(0)
-    embeds = torch.randn(num_visual, vlm.language_dims()["hidden_size"], device=DEVICE, dtype=vlm.dtype)
-    result = vlm.generate(
-        ids, embeds, max_new_tokens=4, inner_layer=2, inner_prune_ratio=0.5, visual_start=start
-    )
+    embeds = torch.randn(num_visual, vlm.language_dims().hidden_size, device=DEVICE, dtype=vlm.dtype)
+    where = torch.full((num_visual,), -1, device=DEVICE)
+    span = VisualSpan(embeds, where, where, where)
+    inputs = vlm.build_prompt(QUESTION, span)
+    result = vlm.generate(inputs, span, max_new_tokens=4, inner_layer=2, inner_prune_ratio=0.5)
     stats = result.inner_stats
     assert stats.visual_after == 6 and stats.kv_lengths[-1] == stats.kv_lengths[0] - 6
 

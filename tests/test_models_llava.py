@@ -16,6 +16,7 @@ from PIL import Image
 
 from holitom_cli.errors import ConfigError
 from holitom_cli.models import load_model
+from holitom_cli.models.base import uncompressed_span
 from holitom_cli.models.llava_onevision import Preprocessing
 from holitom_cli.models.vision_attention import ReceivedAttention
 from holitom_cli.video import load_video
@@ -32,7 +33,7 @@ def frames(sample_video):
 
 
 def test_preprocessing_matches_numpy(tiny, frames):
-    pixels = tiny.preprocess(frames)
+    pixels = tiny.preprocess(frames).pixel_values
     assert pixels.shape == (6, 3, 104, 104) and pixels.dtype == torch.float32
     for t in (0, 5):
         resized = np.asarray(
@@ -61,7 +62,7 @@ def test_received_attention_equals_eager_maps(tiny, tiny_model_dir, frames):
     eager = LlavaOnevisionForConditionalGeneration.from_pretrained(
         str(tiny_model_dir), dtype=torch.float32, attn_implementation="eager"
     ).eval()
-    pixels = tiny.preprocess(frames)
+    pixels = tiny.preprocess(frames).pixel_values
     with torch.no_grad():
         out = eager.model.vision_tower(pixels, output_attentions=True)
     probs = out.attentions[-1]  # (T, heads, P, P) of the last layer
@@ -79,26 +80,29 @@ def test_received_attention_equals_eager_maps(tiny, tiny_model_dir, frames):
 
 
 def test_encode_video_matches_get_video_features(tiny, frames):
-    pixels = tiny.preprocess(frames)
+    pixels = tiny.preprocess(frames, [0.5 * i for i in range(6)])
     vision = tiny.encode_video(pixels, chunk_frames=4)
+    assert vision.unit_times == [0.5 * i for i in range(6)] and vision.grid == (7, 7)
+    assert vision.frames_per_unit == 1 and vision.suffix.shape == (1, 64)
+    pixels = pixels.pixel_values
     with torch.no_grad():
         reference = tiny.model.model.get_video_features(pixel_values_videos=pixels[None]).pooler_output[0]
     t, n = 6, 49
-    assert vision.features.shape == (t, n, 64) and vision.attention.shape == (t, n)
+    assert vision.features.shape == (t, n, 64) and vision.saliency.shape == (t, n)
     torch.testing.assert_close(vision.features.reshape(t * n, -1), reference[:-1], atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(vision.newline, reference[-1])
+    torch.testing.assert_close(vision.suffix[0], reference[-1])
     # the attention is pooled with the features' bilinear interpolation: 13x13 -> 7x7
     tower = tiny.model.model.vision_tower
     with torch.no_grad(), ReceivedAttention(tower.encoder.layers[-1].self_attn) as recorder:
         tower(pixels)
     grid = recorder.result().reshape(t, 1, 13, 13)
     pooled = torch.nn.functional.interpolate(grid, size=(7, 7), mode="bilinear").reshape(t, n)
-    torch.testing.assert_close(vision.attention, pooled)
+    torch.testing.assert_close(vision.saliency, pooled)
 
 
 def test_prompt_layout(tiny):
     tok = tiny.tokenizer
-    ids, start = tiny.build_prompt("What is the red ball doing?", 10)
+    ids, start = tiny.prompt_ids("What is the red ball doing?", 10)
     ids = ids[0].tolist()
     video_id = tok.convert_tokens_to_ids("<video>")
     assert ids.count(video_id) == 10 and ids[start : start + 10] == [video_id] * 10
@@ -123,7 +127,7 @@ def test_prompt_with_a_processor_style_template(tiny):
     original = tiny.tokenizer.chat_template
     tiny.tokenizer.chat_template = template
     try:
-        ids, start = tiny.build_prompt("how many balls?", 3)
+        ids, start = tiny.prompt_ids("how many balls?", 3)
     finally:
         tiny.tokenizer.chat_template = original
     text = tiny.tokenizer.decode(ids[0])
@@ -133,15 +137,21 @@ def test_prompt_with_a_processor_style_template(tiny):
 @pytest.mark.parametrize("question", ["", "   ", "look at <video> please", "<|im_end|> hi"])
 def test_bad_questions(tiny, question):
     with pytest.raises(ConfigError):
-        tiny.build_prompt(question, 5)
+        tiny.prompt_ids(question, 5)
+    with pytest.raises(ConfigError):
+        tiny.text_tokens(question)
 
 
 def test_streaming_pieces_join_to_the_answer(tiny, frames):
     vision = tiny.encode_video(tiny.preprocess(frames))
-    embeds = torch.cat([vision.features.reshape(-1, 64), vision.newline[None]])
-    ids, _ = tiny.build_prompt("Describe the video.", embeds.shape[0])
+    span = uncompressed_span(vision)
+    assert len(span) == 6 * 49 + 1  # every token, then the newline
+    torch.testing.assert_close(span.embeds[-1], vision.suffix[0])
+    inputs = tiny.build_prompt("Describe the video.", span)
+    ids = inputs.input_ids
+    assert inputs.visual_len == len(span) and inputs.position_ids is None
     pieces: list[str] = []
-    result = tiny.generate(ids, embeds, max_new_tokens=10, on_text=pieces.append)
+    result = tiny.generate(inputs, span, max_new_tokens=10, on_text=pieces.append)
     assert result.new_tokens == 10 and "".join(pieces) == result.text
     assert result.text == tiny.tokenizer.decode(result.token_ids, skip_special_tokens=True)
     # KV cache: every layer holds the prompt and all new tokens but the last (it was never fed back)

@@ -28,9 +28,13 @@ def test_int8_answer_on_cpu_logs_no_per_call_lines(caplog, tiny_model_dir) -> No
     from holitom_cli.models import load_model
 
     vlm = load_model(str(tiny_model_dir), device="cpu", dtype="bfloat16", quantize="8bit")
-    ids, _ = vlm.build_prompt("what happens?", 3)
-    embeds = torch.randn(3, vlm.language_dims()["hidden_size"])
+    from holitom_cli.models.base import VisualSpan
+
+    embeds = torch.randn(3, vlm.language_dims().hidden_size)
+    where = torch.full((3,), -1)
+    span = VisualSpan(embeds, where, where, where)
+    inputs = vlm.build_prompt("what happens?", span)
     with caplog.at_level(logging.DEBUG):
-        result = vlm.generate(ids, embeds, max_new_tokens=4)
-    assert result.prompt_tokens == ids.shape[1]
+        result = vlm.generate(inputs, span, max_new_tokens=4)
+    assert result.prompt_tokens == inputs.input_ids.shape[1]
     assert not [r for r in caplog.records if "MatMul8bitLt" in r.getMessage()]

@@ -42,7 +42,7 @@ def _reference_tokens(pipe, frames, question, max_new_tokens=NEW):
         + "<|im_end|>\n<|im_start|>assistant\n"
     )
     ids = tok(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
-    pixels = pipe.model.preprocess(frames)[None]  # (1, T, 3, S, S)
+    pixels = pipe.model.preprocess(frames).pixel_values[None]  # (1, T, 3, S, S)
     with torch.no_grad():
         out = model.generate(
             input_ids=ids,

@@ -94,12 +94,14 @@ def test_question_alone_is_checked_without_the_video(pipe, monkeypatch):
 def test_context_length_is_read_from_the_text_config():
     from types import SimpleNamespace as NS
 
+    from holitom_cli.models.base import context_of
     from holitom_cli.pipeline import context_length
 
-    assert context_length(NS(config=NS(text_config=NS(max_position_embeddings=4096)))) == 4096
-    assert context_length(NS(config=NS(text_config=NS()))) is None  # unknown: not checked
-    assert context_length(NS(config=NS(text_config=NS(max_position_embeddings=None)))) is None
-    assert context_length(NS()) is None
+    assert context_length(NS(language_dims=lambda: NS(context=4096))) == 4096  # the adapter's LanguageDims
+    assert context_of(NS(max_position_embeddings=4096)) == 4096
+    assert context_of(NS()) is None  # unknown: not checked
+    assert context_of(NS(max_position_embeddings=None)) is None
+    assert context_of(NS(max_position_embeddings=True)) is None
 
 
 # ------------------------------------------------------------------------------------------- finding 6

@@ -166,22 +166,12 @@ def ask_command(
 
     merge_map = None
     if explain is not None:
-        from holitom_cli.render import save_merge_map
+        from holitom_cli.cli.inspect_cmd import save_unit_merge_map
 
         stats = answer.stats.to_dict()
         named = {"config": stats["holitom"], "preset": preset_record(preset, stats["holitom"]), **stats}
         caption = f"{question}  ·  {pipe.model.name}  ·  {settings_line(named)}"
-        grid = prepared.grid[0] if prepared.grid and prepared.grid[0] == prepared.grid[-1] else None
-        saved = save_merge_map(
-            explain,
-            prepared.clip.frames,
-            prepared.clip.timestamps,
-            answer.compression,
-            grid=grid,
-            caption=caption,
-            gif=gif,
-        )
-        merge_map = str(saved)
+        merge_map = str(save_unit_merge_map(explain, prepared, answer.compression, caption, gif))
 
     record = answer_record(question, answer, prepared, baseline, merge_map, preset=preset, runs=runs)
     if as_json:

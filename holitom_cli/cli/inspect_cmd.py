@@ -98,7 +98,6 @@ def inspect_command(
     check_output_path(output, gif=gif)
 
     from holitom_cli.cli.report import prepare_with_progress, stderr_console
-    from holitom_cli.render import save_merge_map
 
     console = stderr_console()
     show = not quiet
@@ -115,16 +114,30 @@ def inspect_command(
     prepared = prepare_with_progress(pipe, video, sampling, console if show else None)
     result = pipe.compress(prepared, cfg) if cfg is not None else None
 
-    rows, cols = prepared.grid
-    grid = rows if rows == cols else None
     full, ours = pipe.paper_flops(prepared, cfg, result)
     flops = ours / full
     caption = merge_map_caption(video, pipe.model.name, preset, cfg, flops, pipe.model.num_layers)
-    clip = prepared.clip
-    saved = save_merge_map(output, clip.frames, clip.timestamps, result, grid=grid, caption=caption, gif=gif)
+    saved = save_unit_merge_map(output, prepared, result, caption, gif)
     if show:
         print_summary(console, prepared, result, flops, saved)
     typer.echo(str(saved))
+
+
+def save_unit_merge_map(output: Path, prepared: Any, result: Any, caption: str, gif: bool) -> Path:
+    """The merge map of a prepared video: one tile per temporal unit (its first frame, at the unit's time)
+    with the unit's rows x cols token grid. Used by ``inspect`` and ``ask --explain``."""
+    from holitom_cli.render import save_merge_map
+
+    tokens = prepared.tokens
+    frames = prepared.clip.frames[tokens.unit_frames]  # (T', H, W, 3)
+    unit = "frame" if tokens.frames_per_unit == 1 else "unit"
+    if tokens.frames_per_unit > 1:
+        caption = (
+            f"{caption}\none tile per temporal unit of {tokens.frames_per_unit} frames (its first frame)"
+        )
+    return save_merge_map(
+        output, frames, tokens.unit_times, result, grid=tokens.grid, caption=caption, gif=gif, unit=unit
+    )
 
 
 def merge_map_caption(
@@ -153,15 +166,22 @@ def merge_map_caption(
 def print_summary(console: Any, prepared: Any, result: Any, flops: float, saved: Path) -> None:
     from rich.table import Table
 
-    frames, per_frame = prepared.num_frames, prepared.tokens_per_frame
+    units, per_unit = prepared.num_units, prepared.tokens_per_unit
     table = Table(title="Merge map", title_justify="left", show_header=False, box=None, pad_edge=False)
     table.add_column(style="bold")
     table.add_column()
-    table.add_row(
-        "frames", f"{frames} sampled, {per_frame} tokens each ({prepared.grid[0]}x{prepared.grid[1]})"
-    )
+    rows, cols = prepared.grid
+    per = prepared.tokens.frames_per_unit
+    if per == 1:
+        table.add_row("frames", f"{prepared.num_frames} sampled, {per_unit} tokens each ({rows}x{cols})")
+    else:
+        table.add_row(
+            "frames",
+            f"{prepared.num_frames} sampled = {units} temporal units of {per} frames, "
+            f"{per_unit} tokens each ({rows}x{cols})",
+        )
     if result is None:
-        table.add_row("tokens", f"{frames * per_frame}, all kept (compression off)")
+        table.add_row("tokens", f"{units * per_unit}, all kept (compression off)")
     else:
         multi = sum(1 for s, e in result.segments if e > s)
         static = int(result.is_static.sum())

@@ -55,7 +55,11 @@ def video_record(video: Any) -> dict[str, Any]:
         "height": meta.height,
         "codec": meta.codec,
         "frame_count": meta.frame_count,
-        "tokens_per_frame": video.tokens_per_frame,
+        "temporal_units": video.num_units,
+        "frames_per_unit": video.tokens.frames_per_unit,
+        "tokens_per_unit": video.tokens_per_unit,
+        "grid": list(video.grid),
+        "tokens_per_frame": video.tokens_per_unit,  # schema 1's name for the tokens of one temporal unit
     }
 
 
@@ -303,9 +307,9 @@ def token_table(record: dict[str, Any]) -> Table:
     table.add_column("of input", justify="right")
     inner = record.get("inner")
     rows = [
-        ("sampled frames", tok["input"]),
+        ("before merging", tok["input"]),
         ("after temporal merge", tok["after_temporal"]),
-        ("into the LLM (+ newline)", tok["into_llm"]),
+        ("into the LLM", tok["into_llm"]),
         (
             f"after inner merge (layer {inner['layer']})" if inner else "after inner merge (off)",
             tok["after_inner"],

@@ -14,9 +14,10 @@ outer stage turns the kept tokens plus a question into a prompt and an answer. E
 Shapes: T' temporal units (LLaVA-OneVision: frames; Qwen2.5-VL: temporal patches of 2 frames), N tokens per
 unit on a (rows, cols) grid, C the language model's width, M tokens after compression, S suffix tokens.
 
-``GenerationResult``, :class:`Streamer` and :func:`cache_size` duplicate ``llava_onevision``'s
-``GenerationResult`` / ``_Streamer`` / ``cache_size`` field for field (that module is not edited here); the
-pipeline refactor can make LLaVA import them from here.
+Class metadata an adapter declares (the CLI and the loader read it, so they hold no family knowledge):
+``FAMILY`` (config.json ``model_type``), ``DISPLAY_NAME``, ``DEFAULT_CHECKPOINTS`` (hub ids),
+``QUANTIZATION_SKIP`` (module-name prefixes bitsandbytes leaves unquantized). :func:`run_generation` is the
+generation loop every adapter shares (streaming, sampling settings, the inner stage, timings, cache size).
 """
 
 from __future__ import annotations
@@ -37,6 +38,8 @@ __all__ = [
     "VisualSpan",
     "VisualTokens",
     "cache_size",
+    "context_of",
+    "run_generation",
     "span_from_compression",
     "uncompressed_span",
 ]
@@ -52,7 +55,17 @@ class LanguageDims:
     num_heads: int
     num_kv_heads: int
     vocab_size: int
-    context: int  # max_position_embeddings: the longest prompt + answer the checkpoint was built for
+    context: int | None  # max_position_embeddings: the longest prompt + answer; None = unknown (unchecked)
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+
+def context_of(config: Any) -> int | None:
+    """A text config's ``max_position_embeddings`` when it is a positive integer, else None."""
+    value = getattr(config, "max_position_embeddings", None)
+    return int(value) if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
 
 
 @dataclass
@@ -61,8 +74,10 @@ class VisualTokens:
 
     features: (T', N, C) model dtype. saliency: (T', N) float32, attention received in the vision encoder
     (higher = more salient). grid: (rows, cols) with rows * cols == N (row-major inside a unit).
-    unit_times: T' floats, seconds (the first frame of each unit). suffix: (S, C) tokens that follow the
-    video uncompressed (LLaVA-OneVision's image_newline), None when there are none (Qwen).
+    unit_times: T' floats, seconds (the first frame of each unit). frames_per_unit: sampled frames per
+    temporal unit (1 for LLaVA-OneVision, 2 for Qwen2.5-VL: unit u starts at frame u * frames_per_unit).
+    suffix: (S, C) tokens that follow the video uncompressed (LLaVA-OneVision's image_newline), None when
+    there are none (Qwen).
     aligned: other per-token tensors with leading (T', N) dims that must be merged with the same plan
     (Qwen3-VL's deepstack features); empty for LLaVA-OneVision and Qwen2.5-VL.
     layout: family facts about the whole encoded video that the prompt needs and no span can recover
@@ -76,9 +91,12 @@ class VisualTokens:
     suffix: torch.Tensor | None = None
     aligned: dict[str, torch.Tensor] = field(default_factory=dict)
     layout: dict[str, Any] = field(default_factory=dict)
+    frames_per_unit: int = 1
 
     def __post_init__(self) -> None:
         units, num = self.features.shape[:2]
+        if self.frames_per_unit < 1:
+            raise ValueError(f"frames_per_unit must be >= 1, got {self.frames_per_unit}")
         if self.grid[0] * self.grid[1] != num:
             raise ValueError(f"grid {self.grid} does not hold the {num} tokens of a unit")
         if tuple(self.saliency.shape) != (units, num):
@@ -98,6 +116,16 @@ class VisualTokens:
     @property
     def tokens_per_unit(self) -> int:
         return int(self.features.shape[1])
+
+    @property
+    def num_suffix(self) -> int:
+        """S, the tokens that follow the video uncompressed (0 when there are none)."""
+        return 0 if self.suffix is None else int(self.suffix.shape[0])
+
+    @property
+    def unit_frames(self) -> list[int]:
+        """The sampled frame each temporal unit starts at (the frame a picture of the unit shows)."""
+        return [u * self.frames_per_unit for u in range(self.num_units)]
 
 
 @dataclass
@@ -207,15 +235,12 @@ def span_from_compression(tokens: VisualTokens, result: Any) -> VisualSpan:
     """The span of a ``CompressionResult`` of ``compress_video_tokens(tokens.features, tokens.saliency)``.
 
     Each output token stands at its ``frame_index`` (here: the temporal unit) and the (row, col) of its
-    ``spatial_index``. Aligned tensors need the compression's merge plan, which ``CompressionResult`` does
-    not expose yet: a video with aligned tensors raises NotImplementedError instead of mixing them wrongly.
+    ``spatial_index``; every aligned tensor is merged with the compression's plan (``result.plan.apply``),
+    exactly as the features were.
     """
-    if tokens.aligned:
-        raise NotImplementedError(
-            "aligned per-token tensors need the compression's merge plan (not exposed by CompressionResult)"
-        )
     row, col = _grid_coords(result.spatial_index.long(), tokens.grid[1])
-    span = VisualSpan(result.features, result.frame_index.long(), row, col, layout=tokens.layout)
+    aligned = {name: result.plan.apply(value) for name, value in tokens.aligned.items()}
+    span = VisualSpan(result.features, result.frame_index.long(), row, col, aligned, layout=tokens.layout)
     return _with_suffix(span, tokens.suffix)
 
 
@@ -280,23 +305,119 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def sampling_kwargs(temperature: float, top_p: float | None) -> dict[str, Any]:
+    """``generate`` settings: greedy for temperature 0, else sampling with ``top_p`` (1.0 when None)."""
+    if temperature and temperature > 0:
+        return {"do_sample": True, "temperature": temperature, "top_p": top_p if top_p is not None else 1.0}
+    return {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
+
+
+def run_generation(
+    adapter: VideoAdapter,
+    kwargs: dict[str, Any],
+    inputs: PromptInputs,
+    *,
+    max_new_tokens: int,
+    temperature: float,
+    top_p: float | None,
+    on_text: Any,
+    inner_layer: int | None,
+    inner_prune_ratio: float,
+) -> GenerationResult:
+    """``adapter.model.generate(**kwargs, ...)`` with a streamer, the sampling settings and, with
+    ``inner_layer`` set, HoliTom's inner stage armed on ``inputs``' visual span (removed afterwards).
+
+    ``kwargs`` holds the family's model inputs (ids, mask, embeddings, positions). Raises ModelError when the
+    inner stage was armed but did not run (a transformers version that calls the layers differently).
+    """
+    from holitom_cli.errors import ModelError
+    from holitom_cli.models.compat import output_cache
+
+    streamer = Streamer(adapter.tokenizer, on_text)
+    model = adapter.model
+    kwargs = {
+        **kwargs,
+        "max_new_tokens": max_new_tokens,
+        "streamer": streamer,
+        "return_dict_in_generate": True,
+        "pad_token_id": model.generation_config.pad_token_id or adapter.tokenizer.pad_token_id,
+        **sampling_kwargs(temperature, top_p),
+    }
+    handle = None
+    if inner_layer is not None:
+        from holitom_cli.models.inner_merge import attach_inner_merge
+
+        handle = attach_inner_merge(adapter.decoder, layer=inner_layer, prune_ratio=inner_prune_ratio)
+        handle.arm(inputs.visual_start, inputs.visual_len)
+    try:
+        sync(adapter.device)
+        start = time.perf_counter()
+        out = model.generate(**kwargs)
+        sync(adapter.device)
+        end = time.perf_counter()
+    finally:
+        inner_stats = handle.stats if handle is not None else None
+        if handle is not None:
+            handle.remove()
+    if handle is not None and (inner_stats is None or inner_stats.kv_lengths is None):
+        # The hooks were armed but did not see the prefill (or its cache): a transformers change in how
+        # decoder layers are called. Never report "nothing removed" for a stage that did not run.
+        raise ModelError(
+            "the inner merge was armed but did not run during prefill",
+            hint="this transformers version calls the decoder layers in a way holitom does not know: "
+            'install a tested one (pip install "transformers>=5.20,<6"), or use --no-inner',
+        )
+    times = streamer.times or [end]
+    kv_bytes, kv_lengths = cache_size(output_cache(out))
+    del out
+    return GenerationResult(
+        text=streamer.text(),
+        token_ids=list(streamer.ids),
+        prompt_tokens=int(inputs.input_ids.shape[1]),
+        started_at=start,
+        prefill_s=times[0] - start,
+        decode_s=times[-1] - times[0],
+        kv_cache_bytes=kv_bytes,
+        kv_lengths=kv_lengths,
+        inner_stats=inner_stats,
+    )
+
+
+def embeds_dtype(model: Any) -> torch.dtype:
+    """The dtype visual embeddings go in: the input embeddings', or ``lm_head``'s when those are quantized."""
+    embed = model.get_input_embeddings().weight
+    if embed.dtype in (torch.float32, torch.bfloat16, torch.float16):
+        return embed.dtype
+    return model.lm_head.weight.dtype
+
+
 # ----------------------------------------------------------------------------------------------- adapter
 
 
 class VideoAdapter(abc.ABC):
     """What a family adapter provides at the boundary (see the module docstring for the call order).
 
-    Class metadata: ``FAMILY`` (config.json ``model_type``), ``DEFAULT_CHECKPOINTS`` (hub ids),
-    ``QUANTIZATION_SKIP`` (module-name prefixes bitsandbytes must leave unquantized).
+    Class metadata: ``FAMILY`` (config.json ``model_type``), ``DISPLAY_NAME`` (for people),
+    ``DEFAULT_CHECKPOINTS`` (hub ids), ``QUANTIZATION_SKIP`` (module-name prefixes, matched from the start
+    of the name, that bitsandbytes must leave unquantized). Instances set ``model``, ``tokenizer``, ``name``,
+    ``device``, ``dtype`` and ``quantize``.
     """
 
     FAMILY: str
+    DISPLAY_NAME: str = ""
     DEFAULT_CHECKPOINTS: tuple[str, ...] = ()
     QUANTIZATION_SKIP: tuple[str, ...] = ()
 
+    model: Any
+    tokenizer: Any
     name: str
     device: torch.device
     dtype: torch.dtype
+    quantize: str | None = None
+
+    @property
+    def family(self) -> str:
+        return self.FAMILY
 
     @property
     @abc.abstractmethod
@@ -307,11 +428,31 @@ class VideoAdapter(abc.ABC):
     def num_layers(self) -> int:
         return self.language_dims().num_layers
 
+    def describe(self) -> dict[str, Any]:
+        """The ``model`` object of the statistics and the JSON record."""
+        return {
+            "name": self.name,
+            "family": self.FAMILY,
+            "device": str(self.device),
+            "dtype": str(self.dtype).replace("torch.", ""),
+            "quantize": self.quantize,
+        }
+
     @abc.abstractmethod
     def language_dims(self) -> LanguageDims: ...
 
     @abc.abstractmethod
-    def preprocess(self, frames: Any, timestamps: list[float], **meta: Any) -> Any: ...
+    def vision_flops(self, tokens: VisualTokens) -> float:
+        """FLOPs of the vision side (encoder + projector/merger) for the video ``tokens`` came from."""
+
+    @abc.abstractmethod
+    def text_tokens(self, question: str) -> int:
+        """Tokens of the prompt for ``question`` without any visual token (validates the question)."""
+
+    @abc.abstractmethod
+    def preprocess(self, frames: Any, timestamps: list[float], **meta: Any) -> Any:
+        """Frames (T, H, W, 3) uint8 RGB -> what :meth:`encode_video` takes. ``meta``: ``video_fps``,
+        ``total_frames`` of the source (None when unknown); an adapter uses what it needs."""
 
     @abc.abstractmethod
     def encode_video(self, pixels: Any, on_progress: Any = None) -> VisualTokens: ...

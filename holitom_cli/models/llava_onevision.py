@@ -6,28 +6,51 @@ ceil(g/2)^2 tokens per frame (196), and ONE ``image_newline`` embedding follows 
 holds exactly as many ``<video>`` tokens as embeddings go in (T*N + 1 uncompressed, M + 1 after HoliTom's
 outer stage). Generation passes the embeddings through ``mm_encoder_outputs`` (no pixels), which with
 uncompressed features is exactly what ``generate(pixel_values_videos=...)`` does internally.
+
+At the family-neutral boundary (:mod:`holitom_cli.models.base`): the temporal unit is the frame, the token
+grid is (ceil(g/2), ceil(g/2)), the ``image_newline`` is the one suffix token, and positions are the
+default consecutive 1-D ones (the reference's).
 """
 
 from __future__ import annotations
 
 import json
 import math
-import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from holitom_cli.compression.flops import VisionShape, vision_flops
 from holitom_cli.errors import ConfigError, ModelError
-from holitom_cli.models.compat import check_transformers_version, output_cache, video_features
-from holitom_cli.models.loading import VideoLanguageModel
+from holitom_cli.models.base import (
+    GenerationResult,
+    LanguageDims,
+    PromptInputs,
+    VideoAdapter,
+    VisualSpan,
+    VisualTokens,
+    context_of,
+    embeds_dtype,
+    run_generation,
+)
+from holitom_cli.models.compat import check_transformers_version, video_features
 from holitom_cli.models.noise import quiet_library_noise
 from holitom_cli.models.random_model import QWEN_CHAT_TEMPLATE
 from holitom_cli.models.vision_attention import ReceivedAttention
 
 FAMILY = "llava_onevision"
+DISPLAY_NAME = "LLaVA-OneVision"
+DEFAULT_CHECKPOINTS = (
+    "llava-hf/llava-onevision-qwen2-0.5b-ov-hf",
+    "llava-hf/llava-onevision-qwen2-7b-ov-hf",
+    "llava-hf/llava-onevision-qwen2-72b-ov-hf",
+)
+#: Module-name prefixes bitsandbytes must leave unquantized (matched from the start of the name: a bare
+#: "vision_tower" would silently match nothing).
+QUANTIZATION_SKIP = ("model.vision_tower", "model.multi_modal_projector", "lm_head")
 _PREPROCESSOR_FILES = ("video_preprocessor_config.json", "preprocessor_config.json", "processor_config.json")
 
 
@@ -113,91 +136,20 @@ class Preprocessing:
 
 
 @dataclass
-class VisionOutput:
-    """Per-frame visual tokens of one video, in the language model's width C.
+class LlavaPixels:
+    """Preprocessed frames: pixel_values (T, 3, S, S) in the model's dtype and device, and their times."""
 
-    features: (T, N, C) model dtype; attention: (T, N) float32 received attention (last vision layer, pooled
-    like the features); newline: (C,) the ``image_newline`` embedding appended after the video.
-    """
-
-    features: torch.Tensor
-    attention: torch.Tensor
-    newline: torch.Tensor
-    grid: tuple[int, int]
+    pixel_values: torch.Tensor
+    timestamps: list[float]
 
 
-@dataclass
-class GenerationResult:
-    """One generated answer with its measurements (seconds, bytes)."""
+class LlavaOneVision(VideoAdapter):
+    """Adapter for ``LlavaOnevisionForConditionalGeneration`` checkpoints (batch size 1)."""
 
-    text: str
-    token_ids: list[int]
-    prompt_tokens: int
-    started_at: float  # time.perf_counter() when generate() was called
-    prefill_s: float  # generate() call -> first new token (prefill + first sampling step)
-    decode_s: float  # first -> last new token
-    kv_cache_bytes: int
-    kv_lengths: list[int]  # per decoder layer, at the end of generation
-    inner_stats: Any = None  # InnerMergeStats from the inner stage, or None
-    extra: dict = field(default_factory=dict)
-
-    @property
-    def new_tokens(self) -> int:
-        return len(self.token_ids)
-
-    @property
-    def decode_tokens_per_s(self) -> float | None:
-        if self.new_tokens < 2 or self.decode_s <= 0:
-            return None
-        return (self.new_tokens - 1) / self.decode_s
-
-
-class _Streamer:
-    """A transformers streamer: decodes new tokens incrementally, calls ``on_text``, times each token."""
-
-    def __init__(self, tokenizer: Any, on_text: Any = None) -> None:
-        self.tokenizer = tokenizer
-        self.on_text = on_text
-        self.ids: list[int] = []
-        self.times: list[float] = []
-        self._prompt_seen = False
-        self._emitted = ""
-
-    def put(self, value: torch.Tensor) -> None:
-        if not self._prompt_seen:  # generate() first pushes the prompt
-            self._prompt_seen = True
-            return
-        now = time.perf_counter()
-        for token in value.reshape(-1).tolist():
-            self.ids.append(int(token))
-            self.times.append(now)
-        self._flush(final=False)
-
-    def end(self) -> None:
-        self._flush(final=True)
-
-    def text(self) -> str:
-        return self.tokenizer.decode(self.ids, skip_special_tokens=True)
-
-    def _flush(self, final: bool) -> None:
-        text = self.text()
-        if not final and text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for the next token
-            return
-        new = text[len(self._emitted) :]  # earlier text is never re-emitted, even if its decoding changed
-        self._emitted = text
-        if new and self.on_text is not None:
-            self.on_text(new)
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-class LlavaOneVision(VideoLanguageModel):
-    """Adapter for ``LlavaOnevisionForConditionalGeneration`` checkpoints."""
-
-    family = FAMILY
+    FAMILY = FAMILY
+    DISPLAY_NAME = DISPLAY_NAME
+    DEFAULT_CHECKPOINTS = DEFAULT_CHECKPOINTS
+    QUANTIZATION_SKIP = QUANTIZATION_SKIP
 
     def __init__(
         self, model: Any, tokenizer: Any, path: Path, name: str, quantize: str | None = None
@@ -209,13 +161,7 @@ class LlavaOneVision(VideoLanguageModel):
         self.quantize = quantize
         self.config = model.config
         self.device = model.model.language_model.embed_tokens.weight.device
-        self.dtype = model.model.language_model.embed_tokens.weight.dtype
-        if self.dtype not in (
-            torch.float32,
-            torch.bfloat16,
-            torch.float16,
-        ):  # quantized embeddings: use lm_head
-            self.dtype = model.lm_head.weight.dtype
+        self.dtype = embeds_dtype(model)
         vision = self.config.vision_config
         self.patch_grid = vision.image_size // vision.patch_size
         side = math.ceil(self.patch_grid / 2)
@@ -231,43 +177,50 @@ class LlavaOneVision(VideoLanguageModel):
         return self.model.model.language_model
 
     @property
-    def num_layers(self) -> int:
-        return int(self.config.text_config.num_hidden_layers)
-
-    @property
     def tokens_per_frame(self) -> int:
         return self.grid[0] * self.grid[1]
 
-    def language_dims(self) -> dict[str, int]:
+    def language_dims(self) -> LanguageDims:
         t = self.config.text_config
-        return {
-            "num_layers": int(t.num_hidden_layers),
-            "hidden_size": int(t.hidden_size),
-            "intermediate_size": int(t.intermediate_size),
-            "num_heads": int(t.num_attention_heads),
-            "num_kv_heads": int(t.num_key_value_heads),
-            "vocab_size": int(t.vocab_size),
-        }
+        return LanguageDims(
+            num_layers=int(t.num_hidden_layers),
+            hidden_size=int(t.hidden_size),
+            intermediate_size=int(t.intermediate_size),
+            num_heads=int(t.num_attention_heads),
+            num_kv_heads=int(t.num_key_value_heads),
+            vocab_size=int(t.vocab_size),
+            context=context_of(t),
+        )
 
-    def vision_dims(self) -> dict[str, int]:
+    def vision_shape(self) -> VisionShape:
+        """SigLIP tower + the 2-layer projector, per frame."""
         v = self.config.vision_config
-        return {
-            "num_layers": int(v.num_hidden_layers),
-            "hidden_size": int(v.hidden_size),
-            "intermediate_size": int(v.intermediate_size),
-            "num_heads": int(v.num_attention_heads),
-            "num_patches": self.patch_grid**2,
-            "patch_size": int(v.patch_size),
-            "image_size": int(v.image_size),
-            "projector_dim": int(self.config.text_config.hidden_size),
-            "tokens_per_frame": self.tokens_per_frame,
-        }
+        width = int(self.config.text_config.hidden_size)
+        return VisionShape(
+            num_layers=int(v.num_hidden_layers),
+            hidden_size=int(v.hidden_size),
+            intermediate_size=int(v.intermediate_size),
+            num_heads=int(v.num_attention_heads),
+            patches=self.patch_grid**2,
+            projector_in=int(v.hidden_size),
+            projector_hidden=width,
+            projector_out=width,
+        )
+
+    def vision_flops(self, tokens: VisualTokens) -> float:
+        return vision_flops(self.vision_shape(), tokens.num_units)
 
     # ------------------------------------------------------------------------------------------- vision
 
-    def preprocess(self, frames: np.ndarray) -> torch.Tensor:
-        """(T, H, W, 3) uint8 RGB -> (T, 3, S, S) pixel values in the model's dtype, on its device."""
-        return self.preprocessing(frames).to(self.device, self.dtype)
+    def preprocess(
+        self, frames: np.ndarray, timestamps: list[float] | None = None, **meta: Any
+    ) -> LlavaPixels:
+        """(T, H, W, 3) uint8 RGB -> (T, 3, S, S) pixel values in the model's dtype, on its device.
+
+        ``timestamps`` (seconds, default 0, 1, 2, ...) become the units' times; ``meta`` is not needed.
+        """
+        times = list(timestamps) if timestamps is not None else [float(i) for i in range(len(frames))]
+        return LlavaPixels(self.preprocessing(frames).to(self.device, self.dtype), [float(t) for t in times])
 
     def _attention_layer(self) -> Any:
         layer = self.config.vision_feature_layer
@@ -283,15 +236,17 @@ class LlavaOneVision(VideoLanguageModel):
 
     @torch.no_grad()
     def encode_video(
-        self, pixel_values: torch.Tensor, chunk_frames: int | None = None, on_progress: Any = None
-    ) -> VisionOutput:
+        self, pixels: LlavaPixels, on_progress: Any = None, chunk_frames: int | None = None
+    ) -> VisualTokens:
         """Vision tower + projector + pooling per frame, and the last vision layer's received attention.
 
-        pixel_values: (T, 3, S, S). Frames run in chunks of ``chunk_frames`` (default: 1 on CPU, where a
-        frame takes seconds and batching buys nothing, so progress moves per frame; 8 on accelerators);
-        the attention score runs in chunks of 4. ``on_progress(frames_done, frames_total)`` is called once
-        with 0 before the first chunk and after each chunk.
+        Frames run in chunks of ``chunk_frames`` (default: 1 on CPU, where a frame takes seconds and batching
+        buys nothing, so progress moves per frame; 8 on accelerators); the attention score runs in chunks of
+        4. ``on_progress(frames_done, frames_total)`` is called once with 0 before the first chunk and after
+        each chunk. Returns features (T, N, C), saliency (T, N) float32 (pooled like the features) and the
+        ``image_newline`` (1, C) as the suffix.
         """
+        pixel_values = pixels.pixel_values
         total = int(pixel_values.shape[0])
         if chunk_frames is None:
             chunk_frames = 1 if self.device.type == "cpu" else 8
@@ -309,7 +264,13 @@ class LlavaOneVision(VideoLanguageModel):
                     on_progress(min(start + chunk_frames, total), total)
         scores = recorder.result()[..., None]  # (T, g*g, 1) float32
         pooled_scores = self.model.model.apply_pooling(scores)[..., 0]  # (T, N), bilinear like the features
-        return VisionOutput(torch.cat(features), pooled_scores.float(), newline, self.grid)
+        return VisualTokens(
+            features=torch.cat(features),
+            saliency=pooled_scores.float(),
+            grid=self.grid,
+            unit_times=list(pixels.timestamps),
+            suffix=newline[None],
+        )
 
     # ------------------------------------------------------------------------------------------- prompt
 
@@ -335,7 +296,7 @@ class LlavaOneVision(VideoLanguageModel):
             messages, tokenize=False, add_generation_prompt=True, chat_template=QWEN_CHAT_TEMPLATE
         )
 
-    def build_prompt(self, question: str, num_visual: int) -> tuple[torch.Tensor, int]:
+    def prompt_ids(self, question: str, num_visual: int) -> tuple[torch.Tensor, int]:
         """Token ids (1, L) with ``num_visual`` ``<video>`` tokens, and the index of the first of them."""
         if not isinstance(question, str) or not question.strip():
             raise ConfigError("the question is empty", hint="ask something about the video")
@@ -357,13 +318,21 @@ class LlavaOneVision(VideoLanguageModel):
         ids = ids[:start] + [self.video_token_id] * num_visual + ids[start + 1 :]
         return torch.tensor([ids], dtype=torch.long, device=self.device), start
 
+    def text_tokens(self, question: str) -> int:
+        return int(self.prompt_ids(question, 0)[0].shape[1])
+
+    def build_prompt(self, question: str, span: VisualSpan) -> PromptInputs:
+        """One ``<video>`` token per span embedding (the newline included); default 1-D positions."""
+        input_ids, start = self.prompt_ids(question, len(span))
+        return PromptInputs(input_ids=input_ids, visual_start=start, visual_len=len(span))
+
     # ------------------------------------------------------------------------------------------- generation
 
     @torch.no_grad()
     def generate(
         self,
-        input_ids: torch.Tensor,
-        visual_embeds: torch.Tensor,
+        inputs: PromptInputs,
+        span: VisualSpan,
         *,
         max_new_tokens: int = 256,
         temperature: float = 0.0,
@@ -371,90 +340,34 @@ class LlavaOneVision(VideoLanguageModel):
         on_text: Any = None,
         inner_layer: int | None = None,
         inner_prune_ratio: float = 0.5,
-        visual_start: int | None = None,
     ) -> GenerationResult:
-        """Generate an answer. visual_embeds: (M, C) visual tokens including the trailing newline.
+        """Generate an answer from a prompt of :meth:`build_prompt` and the span it was built for.
 
-        With ``inner_layer`` set, HoliTom's inner stage merges the visual span at that decoder layer during
-        prefill.
+        With ``inner_layer`` set, HoliTom's inner stage merges the visual span (the newline included, as
+        the reference does) at that decoder layer during prefill.
         """
         from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-        if visual_embeds.shape[0] != int((input_ids == self.video_token_id).sum()):
+        input_ids = inputs.input_ids
+        if len(span) != int((input_ids == self.video_token_id).sum()) or len(span) != inputs.visual_len:
             raise ValueError("the prompt's <video> tokens and the visual embeddings differ in number")
-        streamer = _Streamer(self.tokenizer, on_text)
+        embeds = span.embeds[None].to(self.device, self.dtype)  # (1, M + 1, C)
         kwargs: dict[str, Any] = {
             "input_ids": input_ids,
             "attention_mask": torch.ones_like(input_ids),
-            "mm_encoder_outputs": {
-                "video": BaseModelOutputWithPooling(
-                    pooler_output=visual_embeds[None].to(self.device, self.dtype)
-                )
-            },
-            "max_new_tokens": max_new_tokens,
-            "streamer": streamer,
-            "return_dict_in_generate": True,
-            "pad_token_id": self.model.generation_config.pad_token_id or self.tokenizer.pad_token_id,
+            "mm_encoder_outputs": {"video": BaseModelOutputWithPooling(pooler_output=embeds)},
         }
-        if temperature and temperature > 0:
-            kwargs.update(do_sample=True, temperature=temperature, top_p=top_p if top_p is not None else 1.0)
-        else:
-            kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
-        handle = None
-        if inner_layer is not None:
-            from holitom_cli.models.inner_merge import attach_inner_merge
-
-            if visual_start is None:
-                raise ValueError("visual_start is needed for the inner stage")
-            handle = attach_inner_merge(self.decoder, layer=inner_layer, prune_ratio=inner_prune_ratio)
-            handle.arm(visual_start, int(visual_embeds.shape[0]))
-        try:
-            _sync(self.device)
-            start = time.perf_counter()
-            out = self.model.generate(**kwargs)
-            _sync(self.device)
-            end = time.perf_counter()
-        finally:
-            inner_stats = handle.stats if handle is not None else None
-            if handle is not None:
-                handle.remove()
-        if handle is not None and (inner_stats is None or inner_stats.kv_lengths is None):
-            # The hooks were armed but did not see the prefill (or its cache): a transformers change in how
-            # decoder layers are called. Never report "nothing removed" for a stage that did not run.
-            raise ModelError(
-                "the inner merge was armed but did not run during prefill",
-                hint="this transformers version calls the decoder layers in a way holitom does not know: "
-                'install a tested one (pip install "transformers>=5.20,<6"), or use --no-inner',
-            )
-        times = streamer.times or [end]
-        kv_bytes, kv_lengths = cache_size(output_cache(out))
-        del out
-        return GenerationResult(
-            text=streamer.text(),
-            token_ids=list(streamer.ids),
-            prompt_tokens=int(input_ids.shape[1]),
-            started_at=start,
-            prefill_s=times[0] - start,
-            decode_s=times[-1] - times[0],
-            kv_cache_bytes=kv_bytes,
-            kv_lengths=kv_lengths,
-            inner_stats=inner_stats,
+        return run_generation(
+            self,
+            kwargs,
+            inputs,
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            on_text=on_text,
+            inner_layer=inner_layer,
+            inner_prune_ratio=inner_prune_ratio,
         )
-
-
-def cache_size(cache: Any) -> tuple[int, list[int]]:
-    """(bytes held by keys and values, per-layer cached length) of a transformers cache (0, [] when None)."""
-    if cache is None:
-        return 0, []
-    total, lengths = 0, []
-    for layer in getattr(cache, "layers", []):
-        keys, values = getattr(layer, "keys", None), getattr(layer, "values", None)
-        if keys is None or not isinstance(keys, torch.Tensor) or keys.numel() == 0:
-            lengths.append(0)
-            continue
-        total += keys.numel() * keys.element_size() + values.numel() * values.element_size()
-        lengths.append(int(keys.shape[-2]))
-    return total, lengths
 
 
 def load(
@@ -466,7 +379,11 @@ def load(
     quantize: str | None = None,
     name: str | None = None,
 ) -> LlavaOneVision:
-    """Load a LLaVA-OneVision checkpoint folder with SDPA attention (never remote code)."""
+    """Load a LLaVA-OneVision checkpoint folder with SDPA attention (never remote code).
+
+    A bitsandbytes ``quantization`` config is used as given (the loader built it with this family's
+    :data:`QUANTIZATION_SKIP`).
+    """
     from transformers import AutoTokenizer, LlavaOnevisionForConditionalGeneration
 
     check_transformers_version()

@@ -20,7 +20,6 @@ HoliTom's temporal unit is the temporal patch; saliency: see :mod:`holitom_cli.m
 from __future__ import annotations
 
 import copy
-import time
 from pathlib import Path
 from typing import Any
 
@@ -32,19 +31,20 @@ from holitom_cli.models.base import (
     GenerationResult,
     LanguageDims,
     PromptInputs,
-    Streamer,
     VideoAdapter,
     VisualSpan,
     VisualTokens,
-    cache_size,
-    sync,
+    context_of,
+    embeds_dtype,
+    run_generation,
 )
-from holitom_cli.models.compat import check_transformers_version, output_cache, rope_index
+from holitom_cli.models.compat import check_transformers_version, rope_index
 from holitom_cli.models.noise import quiet_library_noise
 from holitom_cli.models.qwen_preprocess import QwenPixels, QwenVideoPreprocessing
-from holitom_cli.models.qwen_vision import encode_units
+from holitom_cli.models.qwen_vision import encode_units, vision_encoder_flops
 
 FAMILY = "qwen2_5_vl"
+DISPLAY_NAME = "Qwen2.5-VL"
 DEFAULT_CHECKPOINTS = (
     "Qwen/Qwen2.5-VL-3B-Instruct",
     "Qwen/Qwen2.5-VL-7B-Instruct",
@@ -83,9 +83,9 @@ class Qwen2_5_VL(VideoAdapter):
     """Adapter for ``Qwen2_5_VLForConditionalGeneration`` checkpoints (batch size 1)."""
 
     FAMILY = FAMILY
+    DISPLAY_NAME = DISPLAY_NAME
     DEFAULT_CHECKPOINTS = DEFAULT_CHECKPOINTS
     QUANTIZATION_SKIP = QUANTIZATION_SKIP
-    family = FAMILY
 
     def __init__(
         self, model: Any, tokenizer: Any, path: Path, name: str, quantize: str | None = None
@@ -96,13 +96,8 @@ class Qwen2_5_VL(VideoAdapter):
         self.name = name
         self.quantize = quantize
         self.config = model.config
-        embed = model.model.language_model.embed_tokens.weight
-        self.device = embed.device
-        self.dtype = (
-            embed.dtype
-            if embed.dtype in (torch.float32, torch.bfloat16, torch.float16)
-            else (model.lm_head.weight.dtype)
-        )
+        self.device = model.model.language_model.embed_tokens.weight.device
+        self.dtype = embeds_dtype(model)
         self.preprocessing = QwenVideoPreprocessing.from_checkpoint(self.path, self.config.vision_config)
         self.video_token_id = int(self.config.video_token_id)
         self.vision_start_id = int(self.config.vision_start_token_id)
@@ -124,17 +119,14 @@ class Qwen2_5_VL(VideoAdapter):
             num_heads=int(t.num_attention_heads),
             num_kv_heads=int(t.num_key_value_heads),
             vocab_size=int(t.vocab_size),
-            context=int(t.max_position_embeddings),
+            context=context_of(t),
         )
 
-    def describe(self) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "family": FAMILY,
-            "device": str(self.device),
-            "dtype": str(self.dtype).replace("torch.", ""),
-            "quantize": self.quantize,
-        }
+    def vision_flops(self, tokens: VisualTokens) -> float:
+        """Vision encoder + merger FLOPs for the video's temporal patches (window attention counted per
+        window, see :func:`~holitom_cli.models.qwen_vision.vision_encoder_flops`)."""
+        rows, cols = tokens.grid
+        return vision_encoder_flops(self.config.vision_config, tokens.num_units, rows, cols)
 
     # ------------------------------------------------------------------------------------------- vision
 
@@ -181,6 +173,7 @@ class Qwen2_5_VL(VideoAdapter):
             grid=(grid[1] // merge, grid[2] // merge),
             unit_times=list(pixels.unit_times),
             suffix=None,
+            frames_per_unit=self.preprocessing.temporal_patch_size,
             layout={
                 "video_grid_thw": pixels.video_grid_thw.clone(),
                 "second_per_grid_ts": float(pixels.second_per_grid_ts),
@@ -219,6 +212,11 @@ class Qwen2_5_VL(VideoAdapter):
                 f"the question contains the special token(s) {', '.join(found)}",
                 hint="remove them: the video is inserted into the prompt automatically",
             )
+
+    def text_tokens(self, question: str) -> int:
+        """Prompt tokens without the video pads (``<|vision_start|>``/``<|vision_end|>`` included)."""
+        self._check_question(question)
+        return len(self.tokenizer(self._render(question), add_special_tokens=False)["input_ids"]) - 1
 
     def full_prompt(self, question: str, layout: dict[str, Any]) -> tuple[list[int], int, int]:
         """The uncompressed prompt: (token ids with every video pad, index of the first pad, pad count)."""
@@ -306,58 +304,24 @@ class Qwen2_5_VL(VideoAdapter):
             raise ValueError("the prompt's video pads and the span's embeddings differ in number")
         if inputs.position_ids is None:
             raise ValueError("Qwen2.5-VL prompts carry M-RoPE position_ids (use build_prompt)")
-        streamer = Streamer(self.tokenizer, on_text)
         embeds = span.embeds.to(self.device, self.dtype)
         kwargs: dict[str, Any] = {
             "input_ids": input_ids,
             "attention_mask": torch.ones_like(input_ids),
             "position_ids": inputs.position_ids,  # (3, 1, L); generate adds 1 per new token
             "mm_encoder_outputs": {"video": BaseModelOutputWithPooling(pooler_output=(embeds,))},
-            "max_new_tokens": max_new_tokens,
-            "streamer": streamer,
-            "return_dict_in_generate": True,
-            "pad_token_id": self.model.generation_config.pad_token_id or self.tokenizer.pad_token_id,
         }
-        if temperature and temperature > 0:
-            kwargs.update(do_sample=True, temperature=temperature, top_p=top_p if top_p is not None else 1.0)
-        else:
-            kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
-        handle = None
-        if inner_layer is not None:
-            from holitom_cli.models.inner_merge import attach_inner_merge
-
-            handle = attach_inner_merge(self.decoder, layer=inner_layer, prune_ratio=inner_prune_ratio)
-            handle.arm(inputs.visual_start, inputs.visual_len)
         self.model.model.rope_deltas = None  # never continue from another prompt's cached deltas
-        try:
-            sync(self.device)
-            start = time.perf_counter()
-            out = self.model.generate(**kwargs)
-            sync(self.device)
-            end = time.perf_counter()
-        finally:
-            inner_stats = handle.stats if handle is not None else None
-            if handle is not None:
-                handle.remove()
-        if handle is not None and (inner_stats is None or inner_stats.kv_lengths is None):
-            raise ModelError(
-                "the inner merge was armed but did not run during prefill",
-                hint="this transformers version calls the decoder layers in a way holitom does not know: "
-                'install a tested one (pip install "transformers>=5.20,<6"), or use --no-inner',
-            )
-        times = streamer.times or [end]
-        kv_bytes, kv_lengths = cache_size(output_cache(out))
-        del out
-        return GenerationResult(
-            text=streamer.text(),
-            token_ids=list(streamer.ids),
-            prompt_tokens=int(input_ids.shape[1]),
-            started_at=start,
-            prefill_s=times[0] - start,
-            decode_s=times[-1] - times[0],
-            kv_cache_bytes=kv_bytes,
-            kv_lengths=kv_lengths,
-            inner_stats=inner_stats,
+        return run_generation(
+            self,
+            kwargs,
+            inputs,
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            on_text=on_text,
+            inner_layer=inner_layer,
+            inner_prune_ratio=inner_prune_ratio,
         )
 
 

@@ -22,7 +22,12 @@ import torch
 from holitom_cli.errors import ModelError
 from holitom_cli.models.compat import qwen_video_features, vision_window_index
 
-__all__ = ["FullAttentionSaliency", "last_full_attention_block", "received_attention_segments"]
+__all__ = [
+    "FullAttentionSaliency",
+    "last_full_attention_block",
+    "received_attention_segments",
+    "vision_encoder_flops",
+]
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -157,3 +162,35 @@ def encode_units(
             if on_progress is not None:
                 on_progress(start + n, units)
     return torch.cat(features), torch.cat(saliency)
+
+
+def _window_sizes(cells: int, window: int) -> list[int]:
+    """Sizes (in merged cells) of the windows along one axis: full windows, then the remainder."""
+    return [window] * (cells // window) + ([cells % window] if cells % window else [])
+
+
+def vision_encoder_flops(vision_config: Any, units: int, rows: int, cols: int) -> float:
+    """FLOPs of Qwen2.5-VL's vision encoder + merger for ``units`` temporal patches of rows x cols tokens.
+
+    One multiply-add = 2 FLOPs; the patch-embedding convolution, norms, RoPE and softmax are not counted (as
+    for LLaVA-OneVision's tower). Per temporal patch, with p = rows cols m^2 patches of width h:
+    qkv + output projection ``2 * 4 p h^2`` and the SwiGLU MLP ``2 * 3 p h i`` in every block; attention
+    scores + weighted values ``2 * 2 n^2 h`` per attended group of n patches: the whole temporal patch in the
+    ``fullatt_block_indexes`` blocks, each window of ``window_size / (m * patch_size)`` merged cells per side
+    in the others (edge windows smaller); the merger's two linear layers on the p / m^2 merged tokens.
+    """
+    merge = int(vision_config.spatial_merge_size)
+    h, inter = int(vision_config.hidden_size), int(vision_config.intermediate_size)
+    depth = int(vision_config.depth)
+    full_blocks = len(set(int(i) for i in vision_config.fullatt_block_indexes))
+    window = max(1, int(vision_config.window_size) // merge // int(vision_config.patch_size))
+    patches = rows * cols * merge * merge
+    dense = 2 * 4 * patches * h * h + 2 * 3 * patches * h * inter
+    full_pairs = patches * patches
+    sq = merge * merge  # patches per merged cell
+    sizes = [r * c * sq for r in _window_sizes(rows, window) for c in _window_sizes(cols, window)]
+    window_pairs = sum(n * n for n in sizes)  # (query, key) pairs over the windows of one temporal patch
+    attention = 2 * 2 * h * (full_blocks * full_pairs + (depth - full_blocks) * window_pairs)
+    merged_in = h * sq
+    merger = 2 * rows * cols * (merged_in * merged_in + merged_in * int(vision_config.out_hidden_size))
+    return float(units * (depth * dense + attention + merger))
