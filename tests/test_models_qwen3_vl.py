@@ -533,6 +533,37 @@ def test_inner_layer_inside_the_deepstack_layers_is_refused(adapters, video) -> 
         attach_inner_merge(adapter.decoder, 2, 0.5, recipe=qwen3.AttentionRecipe(("Qwen3VLTextModel",)))
 
 
+def test_each_visual_position_gets_its_tokens_deepstack(adapters, video) -> None:
+    """Out of raster order, units dropped: deepstack row i is added at visual position i (by hand)."""
+    adapter = adapters["sdpa"]
+    tokens = video[1]
+    full = uncompressed_span(tokens)
+    pick = torch.tensor([30, 24, 27, 3, 0, 11])
+    span = VisualSpan(
+        full.embeds[pick], full.unit[pick], full.row[pick], full.col[pick],
+        {"deepstack": full.aligned["deepstack"][pick]}, full.layout,
+    )  # fmt: skip
+    inputs = adapter.build_prompt(QUESTION, span)
+    decoder = adapter.decoder
+    visual = inputs.extra["visual_positions"].tolist()
+    levels = [span.aligned["deepstack"][:, i] for i in range(adapter.deepstack_levels)]
+    with torch.no_grad():
+        hidden = decoder.embed_tokens(inputs.input_ids).clone()
+        hidden[0, visual] = span.embeds
+        hidden = run_layers(decoder, hidden, range(len(decoder.layers)), inputs.position_ids, visual, levels)
+        expected = adapter.model.lm_head(decoder.norm(hidden))[0]
+        torch.testing.assert_close(forward(adapter, inputs, span).logits[0], expected, atol=1e-4, rtol=1e-4)
+        shuffled = VisualSpan(
+            span.embeds,
+            span.unit,
+            span.row,
+            span.col,
+            {"deepstack": span.aligned["deepstack"].flip(0)},
+            span.layout,
+        )
+        assert not torch.allclose(forward(adapter, inputs, shuffled).logits[0], expected, atol=1e-3)
+
+
 # ------------------------------------------------------------------------------------------ (e) merge plan
 @pytest.mark.skipif(
     not has_plan(), reason="CompressionResult.plan (holitom_cli/compression/plan.py) not there yet"
