@@ -211,7 +211,7 @@ class Pipeline:
     """A loaded video LLM and the HoliTom stages around it."""
 
     def __init__(self, model: Any) -> None:
-        self.model = model  # a holitom_cli.models.VideoLanguageModel
+        self.model = model  # a holitom_cli.models.base.VideoAdapter (any family)
 
     @classmethod
     def load(

@@ -134,7 +134,8 @@ class VisualSpan:
 
     embeds: (M, C). unit, row, col: (M,) long, the original (unit, row, col) each output token stands at (a
     temporally merged token: its segment's first unit and its cluster centre's cell); the suffix tokens, if
-    any, come last with unit = row = col = -1. aligned: (M, ...) tensors merged with the same plan.
+    any, come last with unit = row = col = -1. aligned: (M, ...) tensors merged with the same plan, for the
+    M visual tokens before the suffix (the suffix has no aligned values).
     layout: the source video's :attr:`VisualTokens.layout`.
     """
 
