@@ -10,10 +10,12 @@ from dataclasses import dataclass
 import torch
 
 from holitom_cli.compression.config import HoliTomConfig
+from holitom_cli.compression.plan import MergePlan, PlanParts, cluster_part, selection_part
 from holitom_cli.compression.spatial import (
     cluster_dpc_knn,
     dynamic_keep_count,
     merge_clusters,
+    nearest_centre,
     static_cluster_count,
 )
 from holitom_cli.compression.temporal import Segmentation, segment_video, working_dtype
@@ -33,6 +35,9 @@ class CompressionResult:
     static_mask: (S, N) bool, per segment the positions merged temporally (all False for singletons).
     num_input: T * N. reduced: R, tokens removed by temporal merging. num_after_temporal: T * N - R.
     effective_ratio: r' = min(r * TN / (TN - R), 1), the retention applied by the spatial stage.
+    plan: which input tokens (flat ``t * N + p``) went into each output token, with weights;
+    ``plan.apply(features)`` gives ``features`` (up to float32 rounding), and the plan merges any other
+    tensor aligned with the input tokens the same way (see :mod:`holitom_cli.compression.plan`).
     """
 
     features: torch.Tensor
@@ -45,6 +50,7 @@ class CompressionResult:
     reduced: int
     num_after_temporal: int
     effective_ratio: float
+    plan: MergePlan
 
     @property
     def num_tokens(self) -> int:
@@ -84,19 +90,22 @@ def _mean_buffers(features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | 
 def _static_tokens(
     features: torch.Tensor, start: int, end: int, static_pos: torch.Tensor, ratio: float,
     cfg: HoliTomConfig, buffers: tuple[torch.Tensor, torch.Tensor | None],
-) -> tuple[torch.Tensor, torch.Tensor] | None:  # fmt: skip
+) -> tuple[torch.Tensor, torch.Tensor, tuple] | None:  # fmt: skip
     """Stage 2 + 3 for the static positions of one multi-frame segment.
 
     ``buffers``: the two reusable buffers of :func:`segment_means`.
-    Returns (K, C) working-dtype cluster tokens and the (K,) positions of their centres (ascending), or
-    None when ``round(n_s r')`` is 0 (the segment's static tokens vanish).
+    Returns (K, C) working-dtype cluster tokens, the (K,) positions of their centres (ascending) and the
+    plan part of the K tokens (:func:`~holitom_cli.compression.plan.cluster_part`), or None when
+    ``round(n_s r')`` is 0 (the segment's static tokens vanish).
     """
     cluster_num = static_cluster_count(static_pos.numel(), ratio)
     if cluster_num == 0:
         return None
     means = segment_means(features, start, end, *buffers).index_select(0, static_pos)  # (n_s, C)
     centres, dist = cluster_dpc_knn(means, cluster_num, min(cfg.dpc_k, cluster_num))
-    return merge_clusters(means, centres, dist, cfg.beta), static_pos[centres]
+    others, nearest = nearest_centre(dist, centres)  # the assignment merge_clusters makes
+    part = cluster_part(static_pos, start, end, features.shape[1], centres, others, nearest, cfg.beta)
+    return merge_clusters(means, centres, dist, cfg.beta), static_pos[centres], part
 
 
 def _dynamic_tokens(
@@ -181,17 +190,20 @@ def compress_video_tokens(
     tokens = features.new_empty(sum(a + b for a, b in sizes), features.shape[2])  # (M, C)
     flat_features = features.reshape(frames * num, features.shape[2])
     index_parts, static_parts, row = [], [], 0
+    plan = PlanParts(num_input, device)  # the same decisions as index bookkeeping (no feature work)
     for (start, end), cluster, (n_static, n_dyn) in zip(seg.segments, clusters, sizes, strict=True):
         if cluster is not None:
             tokens[row : row + n_static].copy_(cluster[0])  # cast to the input dtype
             index_parts.append(cluster[1] + start * num)
             static_parts.append(torch.ones(n_static, dtype=torch.bool, device=device))
+            plan.add(cluster[2], n_static)
             row += n_static
         if n_dyn:
             a, b = dyn_offset[start], dyn_offset[end + 1]
             torch.index_select(flat_features, 0, flat[a:b], out=tokens[row : row + n_dyn])
             index_parts.append(flat[a:b])
             static_parts.append(torch.zeros(n_dyn, dtype=torch.bool, device=device))
+            plan.add(selection_part(flat[a:b]), n_dyn)
             row += n_dyn
     empty = torch.empty(0, dtype=torch.long, device=device)
     flat_index = torch.cat(index_parts) if index_parts else empty  # (M,) t * N + p
@@ -209,4 +221,5 @@ def compress_video_tokens(
         reduced=int(seg.reduced),
         num_after_temporal=num_input - int(seg.reduced),
         effective_ratio=ratio,
+        plan=plan.build(),
     )

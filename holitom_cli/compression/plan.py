@@ -125,15 +125,16 @@ def selection_part(flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torc
 
 
 def cluster_part(
-    positions: torch.Tensor, start: int, end: int, num: int, centres: torch.Tensor, nearest: torch.Tensor,
-    beta: float,
+    positions: torch.Tensor, start: int, end: int, num: int, centres: torch.Tensor, others: torch.Tensor,
+    nearest: torch.Tensor, beta: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
     """The static cluster tokens of segment ``start..end``.
 
     Args:
         positions: (S,) long, the segment's static positions (each the temporal mean over its frames).
         centres: (K,) long ascending, indices into ``positions`` of the cluster centres (output k = centre k).
-        nearest: (S - K,) long, the output slot 0..K-1 of every non-centre, in ascending index order.
+        others, nearest: (S - K,) long, the non-centres (ascending) and the output slot 0..K-1 each joins
+            (:func:`~holitom_cli.compression.spatial.nearest_centre`).
         beta: the centre's weight when its cluster has members.
     Returns:
         (index, local output, weight) with S (e - s + 1) pairs; no host synchronisation.
@@ -141,9 +142,6 @@ def cluster_part(
     device = positions.device
     size, k = positions.numel(), centres.numel()
     slot = torch.empty(size, dtype=torch.long, device=device)  # (S,) output slot of every static token
-    is_centre = torch.zeros(size, dtype=torch.bool, device=device)
-    is_centre[centres] = True
-    others = torch.nonzero_static(~is_centre, size=size - k).squeeze(1)  # (S-K,) ascending
     slot[centres] = torch.arange(k, device=device)
     slot[others] = nearest
     members = torch.zeros(k, dtype=torch.float32, device=device)

@@ -18,6 +18,7 @@ __all__ = [
     "cluster_dpc_knn",
     "dynamic_keep_count",
     "merge_clusters",
+    "nearest_centre",
     "pairwise_distance",
     "select_top_attention",
     "static_cluster_count",
@@ -87,6 +88,23 @@ def cluster_dpc_knn(x: torch.Tensor, cluster_num: int, k: int) -> tuple[torch.Te
     return centres, dist
 
 
+def nearest_centre(dist: torch.Tensor, centres: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The non-centre tokens and the cluster each joins.
+
+    Args:
+        dist: (S, S) from :func:`cluster_dpc_knn`; centres: (K,) long ascending.
+    Returns:
+        others (S-K,) long ascending, the non-centre tokens; nearest (S-K,) long, the slot 0..K-1 of each
+        one's nearest centre (first on ties). No host synchronisation.
+    """
+    num = dist.shape[0]
+    is_centre = torch.zeros(num, dtype=torch.bool, device=dist.device)
+    is_centre[centres] = True
+    others = torch.nonzero_static(~is_centre, size=num - centres.numel()).squeeze(1)  # (S-K,), no sync
+    to_centres = dist.index_select(0, others).index_select(1, centres)  # (S-K, K)
+    return others, to_centres.argmin(dim=1)
+
+
 def merge_clusters(x: torch.Tensor, centres: torch.Tensor, dist: torch.Tensor, beta: float) -> torch.Tensor:
     """Merge every non-centre token into its nearest centre.
 
@@ -95,13 +113,8 @@ def merge_clusters(x: torch.Tensor, centres: torch.Tensor, dist: torch.Tensor, b
     Returns:
         (K, C) float32: ``beta * centre + (1 - beta) * mean(members)``; a centre without members unchanged.
     """
-    num = x.shape[0]
     x32 = x.float()
-    is_centre = torch.zeros(num, dtype=torch.bool, device=x.device)
-    is_centre[centres] = True
-    others = torch.nonzero_static(~is_centre, size=num - centres.numel()).squeeze(1)  # (S-K,), no sync
-    to_centres = dist.index_select(0, others).index_select(1, centres)  # (S-K, K)
-    nearest = to_centres.argmin(dim=1)  # (S-K,) slot of the nearest centre, first on ties
+    others, nearest = nearest_centre(dist, centres)  # (S-K,), (S-K,) slot of the nearest centre
     sums = torch.zeros(centres.numel(), x.shape[1], dtype=torch.float32, device=x.device)
     sums.index_add_(0, nearest, x32.index_select(0, others))
     counts = torch.zeros(centres.numel(), dtype=torch.float32, device=x.device)
