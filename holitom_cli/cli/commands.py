@@ -17,13 +17,6 @@ import typer
 
 from holitom_cli.cli.options import DEFAULT_MODEL, RevisionOpt
 
-# Avg accuracy relative to the full model reported by the paper for LLaVA-OneVision-7B, 32 frames, with the
-# inner merge (HoliTom table, "Avg %"), by retain ratio.
-PAPER_ACCURACY_OV7B = {0.10: 99.1, 0.15: 99.7, 0.20: 100.7, 0.25: 100.7}
-# Qwen2-7B (the LLM of LLaVA-OneVision-7B): layers, hidden size, FFN size; 32 frames x 196 tokens.
-_OV7B = {"num_layers": 28, "hidden_size": 3584, "ffn_size": 18944}
-_OV7B_FRAMES, _OV7B_TOKENS_PER_FRAME = 32, 196
-
 JsonFlag = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
 
 
@@ -34,34 +27,26 @@ def _stdout_console():
 
 
 def preset_rows() -> list[dict[str, Any]]:
-    """One dict per preset: its settings plus the paper-formula prefill FLOPs on LLaVA-OV-7B at 32 frames."""
-    import math
-
+    """One dict per preset: its settings plus the paper's reference numbers (``PAPER_REFERENCE``:
+    LLaVA-OneVision-7B at 32 frames, paper-formula prefill FLOPs and the reported accuracy)."""
     from holitom_cli.compression import PRESET_DESCRIPTIONS, PRESETS
-    from holitom_cli.compression.flops import paper_prefill_flops
+    from holitom_cli.compression.reference import PAPER_REFERENCE as ref
 
-    full_tokens = _OV7B_FRAMES * _OV7B_TOKENS_PER_FRAME
-    full = paper_prefill_flops(visual_tokens=full_tokens, **_OV7B)
     rows = []
     for name, cfg in PRESETS.items():
-        tokens = _OV7B_FRAMES * math.ceil(_OV7B_TOKENS_PER_FRAME * cfg.retain_ratio)
-        layer = cfg.resolve_inner_layer(_OV7B["num_layers"])
-        flops = paper_prefill_flops(
-            visual_tokens=tokens, inner_layer=layer, inner_prune_ratio=cfg.inner_prune_ratio, **_OV7B
-        )
+        numbers = ref.preset_numbers(cfg)
         rows.append(
             {
                 "name": name,
                 "description": PRESET_DESCRIPTIONS.get(name, ""),
                 "config": cfg.to_dict(),
-                "ov7b_inner_layer": layer,
-                "ov7b_tflops": round(flops / 1e12, 2),
-                "ov7b_full_tflops": round(full / 1e12, 2),
-                # the paper's convention: rounded TFLOPs over rounded full-model TFLOPs (2.8 / 40.8 = 6.9%)
-                "ov7b_flops_percent": round(100 * round(flops / 1e12, 1) / round(full / 1e12, 1), 1),
-                "paper_accuracy_percent": PAPER_ACCURACY_OV7B.get(round(cfg.retain_ratio, 2))
-                if cfg.inner
-                else None,
+                "reference_model": f"{ref.model}, {ref.frames} frames",
+                # the keys name the setting they were computed for (the paper's): LLaVA-OV-7B
+                "ov7b_inner_layer": numbers["inner_layer"],
+                "ov7b_tflops": numbers["tflops"],
+                "ov7b_full_tflops": numbers["full_tflops"],
+                "ov7b_flops_percent": numbers["flops_percent"],
+                "paper_accuracy_percent": numbers["accuracy_percent"],
             }
         )
     return rows
@@ -70,10 +55,12 @@ def preset_rows() -> list[dict[str, Any]]:
 def presets_command(as_json: JsonFlag = False) -> None:
     """Show the compression presets and what they cost.
 
-    FLOPs are the paper's prefill formula for LLaVA-OneVision-7B at 32 frames (full model: 40.8 TFLOPs);
-    accuracy is the paper's average over four benchmarks relative to the full model.
+    The numbers are the paper's reference setting, LLaVA-OneVision-7B at 32 frames: prefill FLOPs by the
+    paper's formula (full model: 40.8 TFLOPs) and the paper's average accuracy over four benchmarks relative
+    to the full model. For other models, measure with holitom ask --compare-baseline.
     """
     from holitom_cli.compression import DEFAULT_PRESET
+    from holitom_cli.compression.reference import PAPER_REFERENCE
 
     rows = preset_rows()
     if as_json:
@@ -81,7 +68,8 @@ def presets_command(as_json: JsonFlag = False) -> None:
         return
     from rich.table import Table
 
-    table = Table(title="HoliTom presets (numbers: LLaVA-OneVision-7B, 32 frames)", title_justify="left")
+    setting = f"{PAPER_REFERENCE.model}, {PAPER_REFERENCE.frames} frames"
+    table = Table(title=f"HoliTom presets (the paper's numbers: {setting})", title_justify="left")
     for col, justify in [
         ("preset", "left"),
         ("retain", "right"),
@@ -117,52 +105,60 @@ def presets_command(as_json: JsonFlag = False) -> None:
     )
 
 
-FAMILY_EXAMPLES = {
-    "llava_onevision": "llava-hf/llava-onevision-qwen2-0.5b-ov-hf, -7b-ov-hf, -72b-ov-hf",
-}
-
-
 def models_command(as_json: JsonFlag = False) -> None:
-    """List the supported model families and the models already in the local cache."""
-    from holitom_cli.models import SUPPORTED_FAMILIES, list_cached_models
+    """List the supported model families (with their hub checkpoints) and the models in the local cache."""
+    from holitom_cli.models import family_info, list_cached_models
 
+    families = family_info()
     cached = list_cached_models()
     if as_json:
         payload = {
             "default": DEFAULT_MODEL,
-            "families": list(SUPPORTED_FAMILIES),
+            "families": [f["family"] for f in families],
+            "family_details": families,
             "cached": [m.to_dict() for m in cached],
         }
         typer.echo(json.dumps(payload, indent=2))
         return
-    from rich.table import Table
-
     console = _stdout_console()
-    fam = Table(title="Supported model families", title_justify="left")
-    fam.add_column("model_type")
-    fam.add_column("models")
-    for name in SUPPORTED_FAMILIES:
-        fam.add_row(name, FAMILY_EXAMPLES.get(name, ""))
-    console.print(fam)
+    console.print(_families_table(families))
     console.print(f"Default model: {DEFAULT_MODEL}. Any local checkpoint folder of these families works too.")
     if not cached:
         console.print(
             f"No models in the local cache yet. Fetch the default with: holitom download {DEFAULT_MODEL}"
         )
         return
-    tab = Table(title="Models in the local cache", title_justify="left")
-    tab.add_column("model")
-    tab.add_column("type")
-    tab.add_column("size", justify="right")
-    tab.add_column("usable")
+    console.print(_cached_table(cached))
+
+
+def _families_table(families: list[dict[str, Any]]) -> Any:
+    from rich.table import Table
+
+    table = Table(title="Supported model families", title_justify="left")
+    table.add_column("model_type")
+    table.add_column("family")
+    table.add_column("checkpoints")
+    for info in families:
+        table.add_row(info["family"], info["name"], "\n".join(info["checkpoints"]))
+    return table
+
+
+def _cached_table(cached: list[Any]) -> Any:
+    from rich.table import Table
+
+    table = Table(title="Models in the local cache", title_justify="left")
+    table.add_column("model")
+    table.add_column("type")
+    table.add_column("size", justify="right")
+    table.add_column("usable")
     for entry in cached:
-        tab.add_row(
+        table.add_row(
             entry.repo_id,
             entry.model_type or "?",
             _human_bytes(entry.size_bytes),
             "yes" if entry.supported else "no",
         )
-    console.print(tab)
+    return table
 
 
 def download_command(

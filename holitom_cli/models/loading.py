@@ -3,14 +3,15 @@
 ``load_model(model, ...)`` accepts a Hugging Face hub id (downloaded with huggingface-hub into the standard
 cache, which honours ``HF_HOME``, ``HF_HUB_CACHE`` and ``HF_HUB_OFFLINE``; progress bars go to stderr) or a
 local folder. It reads the checkpoint's ``config.json``, picks the family adapter registered for its
-``model_type`` in ``FAMILIES`` (adding a family = one module with a ``load(path, ...)`` function + one line
-here) and returns a :class:`VideoLanguageModel`. ``trust_remote_code`` is never used: families are implemented
-here.
+``model_type`` in ``FAMILIES`` (adding a family = one module with a
+:class:`~holitom_cli.models.base.VideoAdapter` and a ``load(path, ...)`` function + one line here) and returns
+that adapter. The family's own metadata (``FAMILY``, ``DISPLAY_NAME``, ``DEFAULT_CHECKPOINTS``,
+``QUANTIZATION_SKIP``) lives in its module: nothing here knows a family. ``trust_remote_code`` is never
+used: families are implemented here.
 """
 
 from __future__ import annotations
 
-import abc
 import importlib
 import json
 import re
@@ -21,12 +22,18 @@ from typing import TYPE_CHECKING, Any
 from holitom_cli.errors import ConfigError, ModelError
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
+
     import torch
 
+    from holitom_cli.models.base import VideoAdapter
+
 #: config.json ``model_type`` -> module implementing the family (it defines ``load(path, *, device, dtype,
-#: quantize, name)`` returning a VideoLanguageModel).
+#: quantization, quantize, name)`` returning a ``VideoAdapter``, and the metadata constants ``FAMILY``,
+#: ``DISPLAY_NAME``, ``DEFAULT_CHECKPOINTS``, ``QUANTIZATION_SKIP``).
 FAMILIES: dict[str, str] = {
     "llava_onevision": "holitom_cli.models.llava_onevision",
+    "qwen2_5_vl": "holitom_cli.models.qwen2_5_vl",
 }
 SUPPORTED_FAMILIES: tuple[str, ...] = tuple(FAMILIES)
 
@@ -49,65 +56,35 @@ _OFFLINE_HINT = (
 )
 
 
-class VideoLanguageModel(abc.ABC):
-    """A loaded video LLM of one family: what the pipeline needs, nothing of transformers leaks out.
+def __getattr__(name: str) -> Any:
+    """``VideoLanguageModel``: the old name of :class:`holitom_cli.models.base.VideoAdapter` (imported on use,
+    so that importing this module does not import torch)."""
+    if name in ("VideoLanguageModel", "VideoAdapter"):
+        from holitom_cli.models.base import VideoAdapter
 
-    Subclasses set ``name``, ``family``, ``device``, ``dtype``, ``model``, ``tokenizer`` and implement the
-    methods below (see ``llava_onevision.LlavaOneVision`` for shapes).
-    """
+        return VideoAdapter
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
-    name: str
-    family: str
-    path: Path
-    device: torch.device
-    dtype: torch.dtype
-    quantize: str | None = None
 
-    @property
-    @abc.abstractmethod
-    def num_layers(self) -> int:  # language model decoder layers
-        ...
+def family_module(family: str) -> Any:
+    """The module implementing a registered family (imports torch and the family's code)."""
+    return importlib.import_module(FAMILIES[family])
 
-    @property
-    @abc.abstractmethod
-    def tokens_per_frame(self) -> int:  # N: pooled visual tokens per frame
-        ...
 
-    @property
-    @abc.abstractmethod
-    def decoder(self) -> Any:  # the language model's decoder (``.layers``), where the inner stage hooks in
-        ...
-
-    @abc.abstractmethod
-    def language_dims(self) -> dict[str, int]:
-        """num_layers, hidden_size, intermediate_size, num_heads, num_kv_heads, vocab_size."""
-        ...
-
-    @abc.abstractmethod
-    def vision_dims(self) -> dict[str, int]:
-        """num_layers, hidden_size, intermediate_size, num_heads, num_patches, projector_dim, ..."""
-        ...
-
-    @abc.abstractmethod
-    def preprocess(self, frames: Any) -> torch.Tensor: ...
-
-    @abc.abstractmethod
-    def encode_video(self, pixel_values: torch.Tensor) -> Any: ...
-
-    @abc.abstractmethod
-    def build_prompt(self, question: str, num_visual: int) -> tuple[torch.Tensor, int]: ...
-
-    @abc.abstractmethod
-    def generate(self, input_ids: torch.Tensor, visual_embeds: torch.Tensor, **kwargs: Any) -> Any: ...
-
-    def describe(self) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "family": self.family,
-            "device": str(self.device),
-            "dtype": str(self.dtype).replace("torch.", ""),
-            "quantize": self.quantize,
-        }
+def family_info() -> list[dict[str, Any]]:
+    """Every registered family's metadata, from its adapter module: ``family`` (``model_type``), ``name``,
+    ``checkpoints`` (hub ids), in registry order."""
+    out = []
+    for family in FAMILIES:
+        module = family_module(family)
+        out.append(
+            {
+                "family": family,
+                "name": getattr(module, "DISPLAY_NAME", family),
+                "checkpoints": list(getattr(module, "DEFAULT_CHECKPOINTS", ())),
+            }
+        )
+    return out
 
 
 # ----------------------------------------------------------------------------------------------- device /
@@ -403,10 +380,10 @@ def list_cached_models(cache_dir: str | Path | None = None) -> list[CachedModel]
 # ----------------------------------------------------------------------------------------------- loading
 
 
-def quantization_config(quantize: str | None, dtype: torch.dtype) -> Any:
-    """bitsandbytes settings for the language model only (vision tower, projector, lm_head unquantized)."""
+def check_quantize(quantize: str | None) -> None:
+    """A known ``quantize`` value and an importable bitsandbytes (cheap: run it before any download)."""
     if quantize is None:
-        return None
+        return
     if quantize not in QUANTIZE:
         raise ConfigError(f"unknown quantization {quantize!r}", hint="use 8bit or 4bit")
     try:
@@ -416,10 +393,17 @@ def quantization_config(quantize: str | None, dtype: torch.dtype) -> Any:
             f"{quantize} quantization needs bitsandbytes, which cannot be imported ({exc})",
             hint='install it with `pip install "holitom[quant]"`, or run without --quantize',
         ) from exc
+
+
+def quantization_config(quantize: str | None, dtype: torch.dtype, skip_modules: Sequence[str]) -> Any:
+    """bitsandbytes settings for the language model only: ``skip_modules`` (the family adapter's
+    ``QUANTIZATION_SKIP``, module-name prefixes matched from the start of the name) stay unquantized."""
+    check_quantize(quantize)
+    if quantize is None:
+        return None
     from transformers import BitsAndBytesConfig
 
-    # Patterns match module names from their start: a bare "vision_tower" would silently match nothing.
-    skip = ["model.vision_tower", "model.multi_modal_projector", "lm_head"]
+    skip = list(skip_modules)
     if quantize == "8bit":
         return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
     return BitsAndBytesConfig(
@@ -435,15 +419,15 @@ def load_model(
     dtype: str = "auto",
     quantize: str | None = None,
     offline: bool = False,
-) -> VideoLanguageModel:
-    """Load a checkpoint (hub id or local folder) as a :class:`VideoLanguageModel`.
+) -> VideoAdapter:
+    """Load a checkpoint (hub id or local folder) as its family's :class:`VideoAdapter`.
 
     Raises ConfigError for bad device / dtype / quantize values and ModelError for checkpoints that cannot be
     found, downloaded, read or are of an unsupported architecture.
     """
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
-    quant = quantization_config(quantize, torch_dtype)
+    check_quantize(quantize)
     path = resolve_checkpoint(model, revision=revision, offline=offline)
     try:
         str(path).encode("utf-8")
@@ -454,7 +438,8 @@ def load_model(
             hint="rename the folder (or the folders above it) to plain characters",
         ) from None
     family = read_model_type(path)
-    module = importlib.import_module(FAMILIES[family])
+    module = family_module(family)
+    quant = quantization_config(quantize, torch_dtype, module.QUANTIZATION_SKIP)
     return module.load(
         path, device=torch_device, dtype=torch_dtype, quantization=quant, quantize=quantize, name=model
     )

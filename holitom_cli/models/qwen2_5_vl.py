@@ -19,7 +19,6 @@ HoliTom's temporal unit is the temporal patch; saliency: see :mod:`holitom_cli.m
 
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 from typing import Any
 
@@ -336,7 +335,8 @@ def load(
 ) -> Qwen2_5_VL:
     """Load a Qwen2.5-VL checkpoint folder with SDPA attention (never remote code).
 
-    A bitsandbytes ``quantization`` config is copied with this family's :data:`QUANTIZATION_SKIP`.
+    A bitsandbytes ``quantization`` config is used as given (``load_model`` built it with this family's
+    :data:`QUANTIZATION_SKIP`).
     """
     from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration
 
@@ -344,8 +344,6 @@ def load(
     quiet_library_noise()
     kwargs: dict[str, Any] = {"dtype": dtype, "attn_implementation": "sdpa"}
     if quantization is not None:
-        quantization = copy.deepcopy(quantization)
-        quantization.llm_int8_skip_modules = list(QUANTIZATION_SKIP)
         kwargs["quantization_config"] = quantization
         kwargs["device_map"] = {"": str(device)}
     elif device.type != "cpu":
