@@ -108,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
         if not any(model_dir.glob("*.safetensors")):  # a folder left by an interrupted build has none
             log(f"building a random {args.shape} checkpoint in {model_dir}")
             save_random_checkpoint(model_dir, shape=args.shape, dtype="float32", seed=0)
-    videos_dir = args.cache / "batch_videos"
+    videos_dir = args.cache / f"batch_videos_{args.videos}"  # exactly --videos videos in it
     for i in range(args.videos):
         path = videos_dir / f"clip{i:03d}.mp4"
         if not path.exists():

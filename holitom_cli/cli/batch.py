@@ -5,6 +5,10 @@ The model loads once; each video is decoded and encoded once for all its questio
 resumes where it stopped; items that failed before are retried. The output is checked and locked before the
 model loads: a file that holitom did not write, an input file, a non-regular file or a file another run is
 writing is refused untouched (issue 9).
+
+With ``--workers N`` the same items run on Ray Data (``holitom_cli.distributed.ray_batch``, issue 12): this
+process still decides what to run and alone writes the output, with the same records, resume and lock rules;
+:func:`answer_video` and :func:`error_record` make the lines in both cases.
 """
 
 from __future__ import annotations
@@ -12,7 +16,9 @@ from __future__ import annotations
 import dataclasses
 import signal
 import traceback
+from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -52,6 +58,7 @@ from holitom_cli.cli.settings import build_config, check_question_text, sampling
 from holitom_cli.errors import ConfigError, HolitomError
 
 PANEL_INPUT = "Input"
+PANEL_RAY = "Scale-out (Ray)"
 
 InputArg = Annotated[
     Path,
@@ -97,6 +104,171 @@ QuestionsFileOpt = Annotated[
         dir_okay=False,
     ),
 ]
+
+
+WorkersOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--workers",
+        help="Run on Ray Data with N workers, each holding one loaded model (needs: pip install "
+        "'holitom[ray]'). Same lines, resume and exit code as without it. See docs/scale-out.md.",
+        rich_help_panel=PANEL_RAY,
+        show_default=False,
+        min=1,
+    ),
+]
+RayAddressOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--ray-address",
+        help="Join a running Ray cluster (the address 'ray start --head' prints, or 'auto'); default: a "
+        "private Ray instance on this machine for the run. Needs --workers.",
+        rich_help_panel=PANEL_RAY,
+        show_default=False,
+    ),
+]
+GpusPerWorkerOpt = Annotated[
+    float | None,
+    typer.Option(
+        "--gpus-per-worker",
+        help="GPUs per worker, at most 1; fractions share a GPU (0.5: two workers per GPU). Default: 1 when "
+        "the cluster has GPUs and --device is not cpu, else 0. Needs --workers.",
+        rich_help_panel=PANEL_RAY,
+        show_default=False,
+        min=0.0,
+        max=1.0,
+    ),
+]
+RayVerboseOpt = Annotated[
+    bool,
+    typer.Option(
+        "--verbose",
+        "-v",
+        help="With --workers: also show Ray's own log messages (kept out of the terminal otherwise).",
+        rich_help_panel=PANEL_OUTPUT,
+    ),
+]
+
+
+@dataclass(frozen=True)
+class BatchJob:
+    """The settings every item of one run is answered with (picklable: each Ray worker gets a copy)."""
+
+    model: str
+    revision: str | None
+    device: str
+    dtype: str
+    quantize: str | None
+    offline: bool
+    cfg: Any  # HoliTomConfig, or None for --no-compress
+    sampling: Any  # SamplingOptions
+    generation: Any  # GenerationOptions
+    compare_baseline: bool
+    repeats: int
+    preset: str | None
+    digest: str  # settings_hash of the settings that change an answer
+
+
+def describe_error(exc: BaseException) -> str:
+    """The ``error`` text of an item that failed with ``exc`` (a HolitomError's own message)."""
+    from holitom_cli.cli.errors import debug_enabled
+
+    if debug_enabled():
+        traceback.print_exception(exc)
+    if isinstance(exc, HolitomError):
+        return exc.message
+    return f"{type(exc).__name__}: {exc}"
+
+
+def error_record(job: BatchJob, item: Any, message: str, prepared: Any = None) -> dict:
+    """The line of an item that failed (``prepared``: the video, when it was prepared before the failure)."""
+    from holitom_cli import batchio
+    from holitom_cli.cli.report import SCHEMA_VERSION, versions, video_record
+
+    record = {
+        "schema_version": SCHEMA_VERSION,
+        "question": item.question,
+        "answer": None,
+        "error": message,
+        "model": {"name": job.model},
+        "config": job.cfg.to_dict() if job.cfg is not None else None,
+        "generation": job.generation.to_dict(),
+        "video": video_record(prepared if prepared is not None else batchio.path_text(item.video)),
+        "versions": versions(),
+        "settings_hash": job.digest,
+    }
+    record["video"]["path"] = batchio.path_text(item.video)
+    return record
+
+
+def answer_video(
+    pipe: Any, job: BatchJob, video: Any, items: list, state: dict
+) -> Iterator[tuple[dict, str | None]]:
+    """Prepare one video once, then answer its items one by one: yields ``(record, failure line or None)``.
+
+    ``video``: its path, or an already decoded VideoClip (Ray's decoding tasks). A video that cannot be
+    prepared gives an error line for every item (and one failure line). ``state`` lives as long as the
+    pipeline (``warmed``: the --compare-baseline warm-up already ran).
+    """
+    from holitom_cli import batchio
+    from holitom_cli.cli.report import answer_record, compare_with_baseline
+
+    label = batchio.path_text(items[0].video.name) if items else ""
+    try:
+        prepared = pipe.prepare_video(video, job.sampling)
+    except Exception as exc:
+        message = describe_error(exc)
+        for i, item in enumerate(items):
+            yield error_record(job, item, message), (f"{label}: {message}" if i == 0 else None)
+        return
+    for item in items:
+        try:
+            pipe.check_question(item.question, job.generation)
+            runs = None
+            if job.compare_baseline:
+                runs = compare_with_baseline(
+                    pipe, prepared, item.question, job.cfg, job.generation, job.repeats,
+                    warm=not state.get("warmed"),
+                )  # fmt: skip
+                state["warmed"] = True
+                answer, baseline = runs.holitom[0], runs.baseline[0]
+            else:
+                answer = pipe.ask(prepared, item.question, job.cfg, job.generation)
+                baseline = None
+            record = answer_record(item.question, answer, prepared, baseline, preset=job.preset, runs=runs)
+            record["video"]["path"] = batchio.path_text(item.video)
+            record["error"] = None
+            record["settings_hash"] = job.digest
+            yield record, None
+        except Exception as exc:
+            record = error_record(job, item, describe_error(exc), prepared)
+            yield record, f"{label} ({item.question!r}): {record['error']}"
+
+
+def _progress(console: Any, quiet: bool) -> Any:
+    """The single-process progress bar: item, bar, done/total, failures, elapsed, ETA."""
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        SpinnerColumn,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    return Progress(
+        SpinnerColumn(),
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("[red]{task.fields[failed]} failed"),
+        TimeElapsedColumn(),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
+        console=console,
+        disable=quiet,
+    )
 
 
 def collect_items(input_path: Path, recursive: bool, questions: list[str]) -> list:
@@ -192,6 +364,10 @@ def batch_command(
     top_p: TopPOpt = None,
     seed: SeedOpt = None,
     quiet: QuietLongOpt = False,
+    verbose: RayVerboseOpt = False,
+    workers: WorkersOpt = None,
+    ray_address: RayAddressOpt = None,
+    gpus_per_worker: GpusPerWorkerOpt = None,
 ) -> None:
     """Answer questions about many videos, one JSON line per (video, question).
 
@@ -200,19 +376,14 @@ def batch_command(
     killed) resumes cleanly. The exit code is 1 when any item failed.
 
     Example: holitom batch videos/ -q "What happens?" -q "How many people are there?" -o answers.jsonl
+
+    On several GPUs or machines (Ray): holitom batch videos/ -q "What happens?" -o answers.jsonl --workers 4
     """
     from rich.markup import escape
 
     from holitom_cli import batchio
-    from holitom_cli.cli.errors import debug_enabled, print_error
-    from holitom_cli.cli.report import (
-        SCHEMA_VERSION,
-        answer_record,
-        compare_with_baseline,
-        stderr_console,
-        versions,
-        video_record,
-    )
+    from holitom_cli.cli.errors import print_error
+    from holitom_cli.cli.report import stderr_console
 
     cfg = build_config(preset, retain_ratio, tau, inner_layer, inner_prune_ratio, no_inner, no_compress)
     if compare_baseline and cfg is None:
@@ -222,6 +393,18 @@ def batch_command(
         )
     sampling = sampling_options(frames, fps, max_frames)
     generation = generation_options(max_new_tokens, temperature, top_p, seed)
+    ray_options = None
+    if workers is None:
+        if ray_address is not None or gpus_per_worker is not None:
+            raise ConfigError("--ray-address and --gpus-per-worker need --workers", hint="e.g. --workers 2")
+    else:  # checked before the output is opened: a run that cannot start leaves it untouched
+        from holitom_cli.distributed import RayOptions, require_ray
+
+        require_ray()
+        ray_options = RayOptions(
+            workers=workers, address=ray_address, gpus_per_worker=gpus_per_worker, verbose=verbose
+        )
+        ray_options.check_device(device)
     asked = list(question or [])
     if questions_file is not None:
         asked += batchio.read_questions(questions_file)
@@ -240,6 +423,8 @@ def batch_command(
         "compare_baseline": compare_baseline,
     }
     digest = batchio.settings_hash(settings)
+    job = BatchJob(model, revision, device, dtype, quantize, offline, cfg, sampling, generation,
+                   compare_baseline, repeats, preset, digest)  # fmt: skip
     console = stderr_console()
     out_name = escape(batchio.path_text(output))
     store = batchio.ResultStore(output)
@@ -266,43 +451,9 @@ def batch_command(
     for item in pending:
         groups.setdefault(item.video, []).append(item)
 
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        SpinnerColumn,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
-
     answered = failed = 0
-    warmed = False
     failures: list[str] = []
     flag = _StopFlag(console)
-
-    def error_record(item: Any, message: str, prepared: Any = None) -> dict:
-        record = {
-            "schema_version": SCHEMA_VERSION,
-            "question": item.question,
-            "answer": None,
-            "error": message,
-            "model": {"name": model},
-            "config": cfg.to_dict() if cfg is not None else None,
-            "generation": generation.to_dict(),
-            "video": video_record(prepared if prepared is not None else batchio.path_text(item.video)),
-            "versions": versions(),
-            "settings_hash": digest,
-        }
-        record["video"]["path"] = batchio.path_text(item.video)
-        return record
-
-    def describe(exc: BaseException) -> str:
-        if debug_enabled():
-            traceback.print_exception(exc)
-        if isinstance(exc, HolitomError):
-            return exc.message
-        return f"{type(exc).__name__}: {exc}"
 
     try:
         with _sigint(flag):
@@ -311,75 +462,44 @@ def batch_command(
                     f"{len(pending)} item(s) to answer over {len(groups)} video(s)"
                     + (f", {skipped} already in {out_name}" if skipped else "")
                 )
-            pipe = load_pipeline(
-                console,
-                not quiet,
-                model,
-                revision=revision,
-                device=device,
-                dtype=dtype,
-                quantize=quantize,
-                offline=offline,
-            )
-            if cfg is not None:  # settings that cannot fit this model fail the run once, not every item
-                cfg.resolve_inner_layer(pipe.model.num_layers)
-            progress = Progress(
-                SpinnerColumn(),
-                TextColumn("{task.description}"),
-                BarColumn(),
-                MofNCompleteColumn(),
-                TextColumn("[red]{task.fields[failed]} failed"),
-                TimeElapsedColumn(),
-                TextColumn("ETA"),
-                TimeRemainingColumn(),
-                console=console,
-                disable=quiet,
-            )
-            with progress:
-                task = progress.add_task("answering", total=len(pending), failed=0)
-                for path, group in groups.items():
-                    if flag.requested:
-                        break
-                    label = batchio.path_text(path.name)
-                    progress.update(task, description=escape(label))
-                    try:
-                        prepared = pipe.prepare_video(path, sampling)
-                    except Exception as exc:
-                        message = describe(exc)
-                        failures.append(f"{label}: {message}")
-                        for item in group:
-                            store.append(error_record(item, message))
-                            failed += 1
-                            progress.update(task, advance=1, failed=failed)
-                        continue
-                    for item in group:
-                        try:
-                            pipe.check_question(item.question, generation)
-                            runs = None
-                            if compare_baseline:
-                                runs = compare_with_baseline(
-                                    pipe, prepared, item.question, cfg, generation, repeats, warm=not warmed
-                                )
-                                warmed = True
-                                answer, baseline = runs.holitom[0], runs.baseline[0]
-                            else:
-                                answer = pipe.ask(prepared, item.question, cfg, generation)
-                                baseline = None
-                            record = answer_record(
-                                item.question, answer, prepared, baseline, preset=preset, runs=runs
-                            )
-                            record["video"]["path"] = batchio.path_text(item.video)
-                            record["error"] = None
-                            record["settings_hash"] = digest
-                            answered += 1
-                        except Exception as exc:
-                            record = error_record(item, describe(exc), prepared)
-                            failures.append(f"{label} ({item.question!r}): {record['error']}")
-                            failed += 1
-                        store.append(record)
-                        progress.update(task, advance=1, failed=failed)
+            if ray_options is not None:
+                from holitom_cli.distributed.ray_batch import run_on_ray
+
+                outcome = run_on_ray(groups, job, store, ray_options, console=console, quiet=quiet,
+                                     stop=lambda: flag.requested)  # fmt: skip
+                answered, failed = outcome.answered, outcome.failed
+                failures += outcome.failures
+            else:
+                pipe = load_pipeline(
+                    console,
+                    not quiet,
+                    model,
+                    revision=revision,
+                    device=device,
+                    dtype=dtype,
+                    quantize=quantize,
+                    offline=offline,
+                )
+                if cfg is not None:  # settings that cannot fit this model fail the run once, not every item
+                    cfg.resolve_inner_layer(pipe.model.num_layers)
+                state: dict = {}
+                with _progress(console, quiet) as progress:
+                    task = progress.add_task("answering", total=len(pending), failed=0)
+                    for path, group in groups.items():
                         if flag.requested:
                             break
+                        progress.update(task, description=escape(batchio.path_text(path.name)))
+                        for record, failure in answer_video(pipe, job, path, group, state):
+                            store.append(record)
+                            if record["error"] is None:
+                                answered += 1
+                            else:
+                                failed += 1
+                            if failure:
+                                failures.append(failure)
+                            progress.update(task, advance=1, failed=failed)
+                            if flag.requested:
+                                break
     finally:
         store.close()
 

@@ -16,6 +16,10 @@ that kills its worker on every attempt is dropped by Ray Data (``max_errored_blo
 lines, so one bad video never stops the run. A killed driver loses only what was in flight: the next run
 skips every item already written (the store's resume rules) and retries failed ones.
 
+The lines are made by the single-process batch's own functions (``holitom_cli.cli.batch.answer_video`` and
+``error_record``), so they are the same. Preprocessing (resize and normalise the sampled frames) runs in the
+worker, inside ``Pipeline.prepare_video``; decoding, the costly CPU part, runs in the CPU tasks.
+
 Nothing here imports Ray at module level: ``ray`` is imported by :func:`run_on_ray` after the environment
 for a private, loopback-only instance is set. The worker-side code (:func:`decode_row`,
 :class:`PipelineWorker`) needs only holitom itself.
@@ -23,7 +27,6 @@ for a private, loopback-only instance is set. The worker-side code (:func:`decod
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import os
@@ -31,7 +34,6 @@ import pickle
 import sys
 import tempfile
 import time
-import traceback
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
@@ -53,27 +55,6 @@ class RayRunError(HolitomError):
     """Ray itself failed (could not start or connect, or gave up on the run)."""
 
 
-@dataclass(frozen=True)
-class RayJob:
-    """Everything a worker needs to answer exactly as the single-process batch does (picklable).
-
-    ``threads``: torch CPU threads per worker (None: leave Ray's default).
-    """
-
-    model: str
-    revision: str | None
-    device: str
-    dtype: str
-    quantize: str | None
-    offline: bool
-    cfg: Any  # HoliTomConfig | None
-    sampling: Any  # SamplingOptions
-    generation: Any  # GenerationOptions
-    compare_baseline: bool
-    digest: str
-    threads: int | None = None
-
-
 @dataclass
 class RayOutcome:
     """What the run wrote: the counts and failure lines that ``holitom batch`` summarises."""
@@ -83,85 +64,6 @@ class RayOutcome:
     failures: list[str] = field(default_factory=list)
     stopped: bool = False  # stopped on request (Ctrl-C) before every item had a line
     log_path: str | None = None  # where Ray's own messages went (kept when something went wrong)
-
-
-# ------------------------------------------------------------------------------------------- records
-# The same records as the single-process loop of holitom_cli/cli/batch.py, built from the same helpers.
-
-
-def describe(exc: BaseException) -> str:
-    """The ``error`` text of an item that failed with ``exc`` (a HolitomError's own message)."""
-    from holitom_cli.cli.errors import debug_enabled
-
-    if debug_enabled():
-        traceback.print_exception(exc)
-    if isinstance(exc, HolitomError):
-        return exc.message
-    return f"{type(exc).__name__}: {exc}"
-
-
-def error_record(job: RayJob, item: Any, message: str, prepared: Any = None) -> dict[str, Any]:
-    """The line of an item that failed: the shape of a single-process error line."""
-    from holitom_cli import batchio
-    from holitom_cli.cli.report import versions, video_record
-
-    record = {
-        "schema_version": 1,
-        "question": item.question,
-        "answer": None,
-        "error": message,
-        "model": {"name": job.model},
-        "config": job.cfg.to_dict() if job.cfg is not None else None,
-        "generation": job.generation.to_dict(),
-        "video": video_record(prepared if prepared is not None else batchio.path_text(item.video)),
-        "versions": versions(),
-        "settings_hash": job.digest,
-    }
-    record["video"]["path"] = batchio.path_text(item.video)
-    return record
-
-
-def answer_group(
-    pipe: Any, job: RayJob, video: Path, questions: list[str], clip: Any, error: str | None, state: dict
-) -> list[tuple[dict[str, Any], str | None]]:
-    """Prepare one video once and answer each of its questions: ``(record, failure line or None)`` each.
-
-    ``clip``: the decoded VideoClip (None when decoding failed with ``error``). ``state`` persists across
-    calls in one worker (``warmed``: the --compare-baseline warm-up already ran).
-    """
-    from holitom_cli import batchio
-    from holitom_cli.cli.report import answer_record, warm_up
-
-    items = [batchio.BatchItem(video, q) for q in questions]
-    label = batchio.path_text(video.name)
-    prepared = None
-    if error is None:
-        try:
-            prepared = pipe.prepare_video(clip, job.sampling)
-        except Exception as exc:
-            error = describe(exc)
-    if prepared is None:
-        return [(error_record(job, item, error), f"{label}: {error}" if i == 0 else None)
-                for i, item in enumerate(items)]  # fmt: skip
-    out: list[tuple[dict[str, Any], str | None]] = []
-    for item in items:
-        try:
-            if job.compare_baseline and not state.get("warmed"):
-                warm_up(pipe, prepared, item.question, job.cfg)
-                state["warmed"] = True
-            answer = pipe.ask(prepared, item.question, job.cfg, job.generation)
-            baseline = None
-            if job.compare_baseline:
-                baseline = pipe.ask(prepared, item.question, None, job.generation)
-            record = answer_record(item.question, answer, prepared, baseline)
-            record["video"]["path"] = batchio.path_text(item.video)
-            record["error"] = None
-            record["settings_hash"] = job.digest
-            out.append((record, None))
-        except Exception as exc:
-            record = error_record(job, item, describe(exc), prepared)
-            out.append((record, f"{label} ({item.question!r}): {record['error']}"))
-    return out
 
 
 # ------------------------------------------------------------------------------------------- workers
@@ -178,7 +80,9 @@ def decode_row(row: dict[str, Any], sampling: Any) -> dict[str, Any]:
             path, num_frames=sampling.frames or 32, fps=sampling.fps, max_frames=sampling.max_frames
         )
     except Exception as exc:
-        return {**row, "clip": b"", "error": display_name(describe(exc))}
+        from holitom_cli.cli.batch import describe_error
+
+        return {**row, "clip": b"", "error": display_name(describe_error(exc))}
     return {**row, "clip": pickle.dumps(clip, protocol=pickle.HIGHEST_PROTOCOL), "error": ""}
 
 
@@ -190,16 +94,16 @@ class PipelineWorker:
     before its first item) rather than writing an error line for every item.
     """
 
-    def __init__(self, job: RayJob) -> None:
+    def __init__(self, job: Any, threads: int | None = None) -> None:
         self.job = job
         self.pipe: Any = None
         self.state: dict[str, Any] = {}
         self.fatal: dict[str, Any] | None = None
         try:
-            if job.threads:
+            if threads:
                 import torch
 
-                torch.set_num_threads(job.threads)
+                torch.set_num_threads(threads)
             from holitom_cli.pipeline import Pipeline
 
             self.pipe = Pipeline.load(
@@ -225,6 +129,9 @@ class PipelineWorker:
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
         import numpy as np
 
+        from holitom_cli.batchio import BatchItem, path_text
+        from holitom_cli.cli.batch import answer_video, error_record
+
         out: dict[str, list] = {"group": [], "kind": [], "data": [], "failure": []}
 
         def add(group: int, kind: str, data: str, failure: str | None) -> None:
@@ -240,10 +147,16 @@ class PipelineWorker:
                 continue
             video = Path(os.fsdecode(batch["path"][i]))
             questions = json.loads(batch["questions"][i])
-            error = str(batch["error"][i]) or None
-            clip = pickle.loads(batch["clip"][i]) if error is None else None
-            answers = answer_group(self.pipe, self.job, video, questions, clip, error, self.state)
-            for record, failure in answers:
+            items = [BatchItem(video, q) for q in questions]
+            error = str(batch["error"][i])
+            if error:  # decoding failed: the single-process batch's lines for a video that cannot be read
+                label = path_text(video.name)
+                for j, item in enumerate(items):
+                    add(group, "record", dumps_line(error_record(self.job, item, error)),
+                        f"{label}: {error}" if j == 0 else None)  # fmt: skip
+                continue
+            clip = pickle.loads(batch["clip"][i])
+            for record, failure in answer_video(self.pipe, self.job, clip, items, self.state):
                 add(group, "record", dumps_line(record), failure)
         return {
             "group": np.array(out["group"], dtype=np.int64),
@@ -307,6 +220,25 @@ def _terminal_kept_for_us(log_path: str, console: Any) -> Iterator[None]:
         os.close(log_fd)
 
 
+def _probe(address: str) -> None:
+    """Fail in seconds when a ``host:port`` cluster address does not answer (Ray retries for minutes)."""
+    import socket
+
+    text = address.strip()
+    host, sep, port = text.rpartition(":")
+    if text == "auto" or "://" in text or not sep or not port.isdigit():
+        return  # Ray finds (or refuses) these itself
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=10):
+            pass
+    except OSError as exc:
+        raise RayRunError(
+            f"cannot reach the Ray cluster at {text}: {exc.strerror or exc}",
+            hint="Start the head node with `ray start --head` (it prints its address) and check the host and "
+            "port, or drop --ray-address to run on this machine alone.",
+        ) from None
+
+
 def _start_ray(options: RayOptions, verbose: bool) -> tuple[Any, bool]:
     """``ray.init`` (or the Ray already initialised in this process); returns (ray module, started here)."""
     if options.address is None:
@@ -330,7 +262,10 @@ def _start_ray(options: RayOptions, verbose: bool) -> tuple[Any, bool]:
                 **common,
             )
         else:
+            _probe(options.address)
             ray.init(address=options.address.strip(), **common)
+    except RayRunError:
+        raise
     except Exception as exc:
         where = f"the Ray cluster at {options.address}" if options.address else "a local Ray instance"
         raise RayRunError(
@@ -371,8 +306,8 @@ def plan_resources(options: RayOptions, device: str, cluster: dict[str, float]) 
     return {"worker_cpus": worker_cpus, "worker_gpus": gpus, "decode_cpus": max(decode_cpus, 0.01)}
 
 
-def build_dataset(ray: Any, table: list[tuple[Path, list[str]]], job: RayJob, options: RayOptions,
-                  resources: dict[str, float]) -> Any:  # fmt: skip
+def build_dataset(ray: Any, table: list[tuple[Path, list[str]]], job: Any, options: RayOptions,
+                  resources: dict[str, float], threads: int | None = None) -> Any:  # fmt: skip
     """The Ray Data plan over ``table`` (video, its questions), one row (and one block) per video."""
     from ray.data import ActorPoolStrategy, DataContext
 
@@ -383,23 +318,32 @@ def build_dataset(ray: Any, table: list[tuple[Path, list[str]]], job: RayJob, op
     rows = [{"group": i, "path": os.fsencode(path), "questions": json.dumps(questions)}
             for i, (path, questions) in enumerate(table)]  # fmt: skip
     ds = ray.data.from_items(rows, override_num_blocks=max(1, len(rows)))
+    # Bounded retries: Ray Data's own default retries a dying task forever, so a video that crashes its
+    # worker every time would never let the run end. Ray 2.60-2.63 take them as extra keyword arguments
+    # (deprecated there, to be removed in 2.64); where they are gone, Ray Data's defaults apply.
     ds = ds.map(
         decode_row,
         fn_kwargs={"sampling": job.sampling},
         num_cpus=resources["decode_cpus"],
-        max_retries=MAX_TASK_RETRIES,
+        **_remote_args(ds.map, max_retries=MAX_TASK_RETRIES),
     )
-    remote: dict[str, Any] = {"max_restarts": -1, "max_task_retries": MAX_TASK_RETRIES}
-    if resources["worker_gpus"] > 0:
-        remote["num_gpus"] = resources["worker_gpus"]
     return ds.map_batches(
         PipelineWorker,
-        fn_constructor_kwargs={"job": job},
+        fn_constructor_kwargs={"job": job, "threads": threads},
         batch_size=1,
         compute=ActorPoolStrategy(size=options.workers, max_tasks_in_flight_per_actor=1),
         num_cpus=resources["worker_cpus"],
-        **remote,
+        num_gpus=resources["worker_gpus"] or None,
+        **_remote_args(ds.map_batches, max_restarts=-1, max_task_retries=MAX_TASK_RETRIES),
     )
+
+
+def _remote_args(method: Any, **args: Any) -> dict[str, Any]:
+    """``args`` if ``method`` still takes extra Ray remote arguments, else nothing."""
+    import inspect
+
+    params = inspect.signature(method).parameters.values()
+    return args if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params) else {}
 
 
 # ------------------------------------------------------------------------------------------- driver
@@ -465,7 +409,7 @@ def lost_message(log_path: str | None) -> str:
 
 def run_on_ray(
     groups: dict[Path, list[Any]],
-    job: RayJob,
+    job: Any,
     store: Any,
     options: RayOptions,
     *,
@@ -490,10 +434,12 @@ def run_on_ray(
     expected = {batchio.item_key(item, job.digest): item for items in groups.values() for item in items}
     outcome = RayOutcome()
     verbose = options.verbose
-    fd, log_path = tempfile.mkstemp(prefix="holitom-ray-", suffix=".log")
-    os.close(fd)
+    log_path = None  # with -v Ray's messages go to the terminal, so there is no log file
+    if not verbose:
+        fd, log_path = tempfile.mkstemp(prefix="holitom-ray-", suffix=".log")
+        os.close(fd)
     outcome.log_path = log_path
-    keep_log = verbose
+    keep_log = False  # kept only when something went wrong on Ray's side
     written: set[tuple[str, str, str]] = set()
 
     def write(record: dict[str, Any], failure: str | None) -> None:
@@ -512,7 +458,7 @@ def run_on_ray(
     started = False
     try:
         with (
-            _terminal_kept_for_us(log_path, console) if not verbose else _null(),
+            _terminal_kept_for_us(log_path, console) if log_path else _null(),
             _progress(console, quiet, redirect=verbose) as progress,
         ):
             workers = f"{options.workers} worker{'s' if options.workers != 1 else ''}"
@@ -523,15 +469,20 @@ def run_on_ray(
                 failed=0,
                 since=time.monotonic(),
             )
-            ray, started = _start_ray(options, verbose)
+            try:
+                ray, started = _start_ray(options, verbose)
+            except RayRunError as exc:
+                if log_path is None:
+                    raise
+                raise RayRunError(exc.message, hint=f"{exc.hint} Ray's messages: {log_path}") from exc
             try:
                 resources = plan_resources(options, job.device, ray.cluster_resources())
-                local_cpu = started and options.address is None and not resources["worker_gpus"]
-                if local_cpu and job.threads is None:
+                threads = None
+                if started and options.address is None and not resources["worker_gpus"]:
                     # CPU workers on this machine share its cores instead of each using all of them
                     cores = options.num_cpus or os.cpu_count() or 1
-                    job = dataclasses.replace(job, threads=max(1, cores // options.workers))
-                dataset = build_dataset(ray, table, job, options, resources)
+                    threads = max(1, cores // options.workers)
+                dataset = build_dataset(ray, table, job, options, resources, threads)
                 progress.update(task, description=escape(f"loading the model in {workers}"))
                 for row in dataset.iter_rows():
                     if row["kind"] == "fatal":
@@ -561,6 +512,8 @@ def run_on_ray(
                 if lost:
                     keep_log = True
                     message = lost_message(log_path)
+                    from holitom_cli.cli.batch import error_record
+
                     for i, item in enumerate(lost):
                         label = batchio.path_text(item.video.name)
                         first = i == 0 or lost[i - 1].video != item.video
@@ -569,17 +522,27 @@ def run_on_ray(
             if started:
                 _shutdown(ray)
                 started = False
+    except RayRunError:
+        keep_log = True
+        raise
+    except (HolitomError, KeyboardInterrupt):  # the user's to fix (the model, the settings) or to decide
+        raise
     except BaseException:
         keep_log = True
         raise
     finally:
         if started:  # an error above: stop the private instance without printing Ray's farewell messages
-            with _terminal_kept_for_us(log_path, console) if not verbose else _null():
+            with _terminal_kept_for_us(log_path, console) if log_path else _null():
                 _shutdown(ray)
-        if not keep_log:
-            with suppress(OSError):
-                os.unlink(log_path)
-            outcome.log_path = None
+        if log_path is not None:
+            try:
+                empty = os.path.getsize(log_path) == 0
+            except OSError:
+                empty = True
+            if empty or not keep_log:
+                with suppress(OSError):
+                    os.unlink(log_path)
+                outcome.log_path = None
     return outcome
 
 
@@ -596,13 +559,10 @@ def _null() -> Iterator[None]:
 __all__ = [
     "MAX_TASK_RETRIES",
     "PipelineWorker",
-    "RayJob",
     "RayOutcome",
     "RayRunError",
-    "answer_group",
     "build_dataset",
     "decode_row",
-    "error_record",
     "plan_resources",
     "run_on_ray",
 ]
