@@ -34,6 +34,7 @@ if TYPE_CHECKING:
 FAMILIES: dict[str, str] = {
     "llava_onevision": "holitom_cli.models.llava_onevision",
     "qwen2_5_vl": "holitom_cli.models.qwen2_5_vl",
+    "qwen3_vl": "holitom_cli.models.qwen3_vl",
 }
 SUPPORTED_FAMILIES: tuple[str, ...] = tuple(FAMILIES)
 

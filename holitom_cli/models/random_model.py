@@ -340,11 +340,12 @@ def save_random_checkpoint(
 
 
 def main(argv: list[str] | None = None) -> int:
-    from holitom_cli.models.random_qwen import QWEN_SHAPES, save_random_qwen
+    from holitom_cli.models.random_qwen import QWEN_SHAPES, family_label, save_random_qwen
 
     parser = argparse.ArgumentParser(
         prog="python -m holitom_cli.models.random_model",
-        description="Build a random-weight LLaVA-OneVision or Qwen2.5-VL checkpoint from the real configs "
+        description="Build a random-weight LLaVA-OneVision, Qwen2.5-VL or Qwen3-VL checkpoint from the real "
+        "configs "
         "(no download).",
     )
     parser.add_argument("out_dir", help="folder to write the checkpoint to")
@@ -360,7 +361,7 @@ def main(argv: list[str] | None = None) -> int:
     dtype = args.dtype or ("float32" if args.shape.endswith("tiny") else "bfloat16")
     if args.shape in QWEN_SHAPES:
         out = save_random_qwen(args.out_dir, shape=args.shape, dtype=dtype, seed=args.seed)
-        family = "Qwen2.5-VL"
+        family = family_label(args.shape)
     else:
         out = save_random_checkpoint(args.out_dir, shape=args.shape, dtype=dtype, seed=args.seed)
         family = "LLaVA-OneVision"
