@@ -348,8 +348,15 @@ def run_generation(
     if inner_layer is not None:
         from holitom_cli.models.inner_merge import attach_inner_merge
 
-        handle = attach_inner_merge(adapter.decoder, layer=inner_layer, prune_ratio=inner_prune_ratio)
-        handle.arm(inputs.visual_start, inputs.visual_len)
+        recipe = getattr(adapter, "INNER_RECIPE", None)  # the family's decoder classes and q/k norms
+        handle = attach_inner_merge(
+            adapter.decoder, layer=inner_layer, prune_ratio=inner_prune_ratio, recipe=recipe
+        )
+        positions = inputs.extra.get("visual_positions")  # visual tokens interleaved with text (Qwen3-VL)
+        if positions is None:
+            handle.arm(inputs.visual_start, inputs.visual_len)
+        else:
+            handle.arm_positions(torch.sort(torch.as_tensor(positions)).values)
     try:
         sync(adapter.device)
         start = time.perf_counter()
@@ -382,6 +389,39 @@ def run_generation(
         kv_lengths=kv_lengths,
         inner_stats=inner_stats,
     )
+
+
+def load_pretrained(
+    model_cls: Any, path: Any, *, device: torch.device, dtype: torch.dtype, quantization: Any
+) -> tuple[Any, Any]:
+    """``(model, tokenizer)`` of a checkpoint folder: SDPA attention, never remote code, eval mode.
+
+    ``quantization`` is a bitsandbytes config built by the loader with the family's ``QUANTIZATION_SKIP``.
+    Every adapter's ``load`` goes through here, after the transformers version check.
+    """
+    from transformers import AutoTokenizer
+
+    from holitom_cli.errors import ModelError
+    from holitom_cli.models.compat import check_transformers_version
+    from holitom_cli.models.noise import quiet_library_noise
+
+    check_transformers_version()
+    quiet_library_noise()
+    kwargs: dict[str, Any] = {"dtype": dtype, "attn_implementation": "sdpa"}
+    if quantization is not None:
+        kwargs["quantization_config"] = quantization
+    if quantization is not None or device.type != "cpu":
+        kwargs["device_map"] = {"": str(device)}
+    try:
+        model = model_cls.from_pretrained(str(path), **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
+    except Exception as exc:  # OSError, SafetensorError, ValueError...: all mean "this folder does not load"
+        raise ModelError(
+            f"could not load the checkpoint in {path}: {exc}",
+            hint="the download may be incomplete: run `holitom download` again, or check the folder",
+        ) from exc
+    model.eval()
+    return model, tokenizer
 
 
 def embeds_dtype(model: Any) -> torch.dtype:

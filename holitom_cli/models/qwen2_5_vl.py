@@ -35,10 +35,10 @@ from holitom_cli.models.base import (
     VisualTokens,
     context_of,
     embeds_dtype,
+    load_pretrained,
     run_generation,
 )
-from holitom_cli.models.compat import check_transformers_version, rope_index
-from holitom_cli.models.noise import quiet_library_noise
+from holitom_cli.models.compat import rope_index
 from holitom_cli.models.qwen_preprocess import QwenPixels, QwenVideoPreprocessing
 from holitom_cli.models.qwen_vision import encode_units, vision_encoder_flops
 
@@ -338,23 +338,9 @@ def load(
     A bitsandbytes ``quantization`` config is used as given (``load_model`` built it with this family's
     :data:`QUANTIZATION_SKIP`).
     """
-    from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration
+    from transformers import Qwen2_5_VLForConditionalGeneration
 
-    check_transformers_version()
-    quiet_library_noise()
-    kwargs: dict[str, Any] = {"dtype": dtype, "attn_implementation": "sdpa"}
-    if quantization is not None:
-        kwargs["quantization_config"] = quantization
-        kwargs["device_map"] = {"": str(device)}
-    elif device.type != "cpu":
-        kwargs["device_map"] = {"": str(device)}
-    try:
-        model = Qwen2_5_VLForConditionalGeneration.from_pretrained(str(path), **kwargs)
-        tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
-    except Exception as exc:  # OSError, SafetensorError, ValueError...: all mean "this folder does not load"
-        raise ModelError(
-            f"could not load the checkpoint in {path}: {exc}",
-            hint="the download may be incomplete: run `holitom download` again, or check the folder",
-        ) from exc
-    model.eval()
+    model, tokenizer = load_pretrained(
+        Qwen2_5_VLForConditionalGeneration, path, device=device, dtype=dtype, quantization=quantization
+    )
     return Qwen2_5_VL(model, tokenizer, Path(path), name or str(path), quantize)

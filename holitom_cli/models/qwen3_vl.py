@@ -32,8 +32,6 @@ layers 0 .. levels-1 at the full-length visual mask, so the inner layer must be 
 
 from __future__ import annotations
 
-import copy
-import time
 from pathlib import Path
 from typing import Any
 
@@ -45,16 +43,14 @@ from holitom_cli.models.base import (
     GenerationResult,
     LanguageDims,
     PromptInputs,
-    Streamer,
     VideoAdapter,
     VisualSpan,
     VisualTokens,
-    cache_size,
-    sync,
+    load_pretrained,
+    run_generation,
 )
-from holitom_cli.models.compat import check_transformers_version, model_class, output_cache, rope_index
+from holitom_cli.models.compat import check_transformers_version, model_class, rope_index
 from holitom_cli.models.inner_merge import AttentionRecipe
-from holitom_cli.models.noise import quiet_library_noise
 from holitom_cli.models.qwen3_preprocess import Qwen3Pixels, Qwen3VideoPreprocessing
 from holitom_cli.models.qwen3_vision import encode_units
 
@@ -427,7 +423,6 @@ class Qwen3_VL(VideoAdapter):
             raise ValueError(f"the span's aligned['deepstack'] must be {want}, got {shown}")
         if inner_layer is not None:
             self.check_inner_layer(inner_layer)
-        streamer = Streamer(self.tokenizer, on_text)
         embeds = span.embeds.to(self.device, self.dtype)
         levels = [deepstack[:, i].to(self.device, self.dtype) for i in range(self.deepstack_levels)]
         length = input_ids.shape[1]
@@ -438,58 +433,20 @@ class Qwen3_VL(VideoAdapter):
             # (4, 1, L): the sequence index (masks), then M-RoPE; generate adds 1 per new token to every row
             "position_ids": torch.cat([text_row, inputs.position_ids.to(self.device)], dim=0),
             "mm_encoder_outputs": {"video": _encoder_output(embeds, levels)},
-            "max_new_tokens": max_new_tokens,
-            "streamer": streamer,
-            "return_dict_in_generate": True,
-            "pad_token_id": self.model.generation_config.pad_token_id or self.tokenizer.pad_token_id,
         }
-        if temperature and temperature > 0:
-            kwargs.update(do_sample=True, temperature=temperature, top_p=top_p if top_p is not None else 1.0)
-        else:
-            kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
-        handle = None
-        if inner_layer is not None:
-            from holitom_cli.models.inner_merge import attach_inner_merge
-
-            handle = attach_inner_merge(
-                self.decoder, layer=inner_layer, prune_ratio=inner_prune_ratio, recipe=INNER_RECIPE
-            )
-            positions = inputs.extra.get("visual_positions")
-            if positions is None:
-                positions = torch.arange(inputs.visual_start, inputs.visual_start + inputs.visual_len)
-            handle.arm_positions(torch.sort(torch.as_tensor(positions)).values)
         self.model.model.rope_deltas = None  # never continue from another prompt's cached deltas
-        try:
-            sync(self.device)
-            start = time.perf_counter()
-            out = self.model.generate(**kwargs)
-            sync(self.device)
-            end = time.perf_counter()
-        finally:
-            inner_stats = handle.stats if handle is not None else None
-            if handle is not None:
-                handle.remove()
-        if handle is not None and (inner_stats is None or inner_stats.kv_lengths is None):
-            raise ModelError(
-                "the inner merge was armed but did not run during prefill",
-                hint="this transformers version calls the decoder layers in a way holitom does not know: "
-                'install a tested one (pip install "transformers>=5.20,<6"), or use --no-inner',
-            )
-        times = streamer.times or [end]
-        kv_bytes, kv_lengths = cache_size(output_cache(out))
-        del out
-        return GenerationResult(
-            text=streamer.text(),
-            token_ids=list(streamer.ids),
-            prompt_tokens=int(input_ids.shape[1]),
-            started_at=start,
-            prefill_s=times[0] - start,
-            decode_s=times[-1] - times[0],
-            kv_cache_bytes=kv_bytes,
-            kv_lengths=kv_lengths,
-            inner_stats=inner_stats,
+        # the inner stage arms inputs.extra["visual_positions"] (tokens interleaved with timestamp text)
+        return run_generation(
+            self,
+            kwargs,
+            inputs,
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            on_text=on_text,
+            inner_layer=inner_layer,
+            inner_prune_ratio=inner_prune_ratio,
         )
-
 
 def load(
     path: Path,
@@ -502,29 +459,10 @@ def load(
 ) -> Qwen3_VL:
     """Load a Qwen3-VL checkpoint folder with SDPA attention (never remote code).
 
-    A bitsandbytes ``quantization`` config is copied with this family's :data:`QUANTIZATION_SKIP`. On a
-    transformers without Qwen3-VL this raises ModelError naming the version.
+    A bitsandbytes ``quantization`` config is used as given (the loader built it with this family's
+    :data:`QUANTIZATION_SKIP`). On a transformers without Qwen3-VL this raises ModelError naming the version.
     """
-    from transformers import AutoTokenizer
-
-    check_transformers_version()
+    check_transformers_version()  # before model_class, so an old version is named as such
     model_cls = model_class("Qwen3VLForConditionalGeneration", DISPLAY_NAME)
-    quiet_library_noise()
-    kwargs: dict[str, Any] = {"dtype": dtype, "attn_implementation": "sdpa"}
-    if quantization is not None:
-        quantization = copy.deepcopy(quantization)
-        quantization.llm_int8_skip_modules = list(QUANTIZATION_SKIP)
-        kwargs["quantization_config"] = quantization
-        kwargs["device_map"] = {"": str(device)}
-    elif device.type != "cpu":
-        kwargs["device_map"] = {"": str(device)}
-    try:
-        model = model_cls.from_pretrained(str(path), **kwargs)
-        tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
-    except Exception as exc:  # OSError, SafetensorError, ValueError...: all mean "this folder does not load"
-        raise ModelError(
-            f"could not load the checkpoint in {path}: {exc}",
-            hint="the download may be incomplete: run `holitom download` again, or check the folder",
-        ) from exc
-    model.eval()
+    model, tokenizer = load_pretrained(model_cls, path, device=device, dtype=dtype, quantization=quantization)
     return Qwen3_VL(model, tokenizer, Path(path), name or str(path), quantize)
