@@ -109,6 +109,8 @@ class PreparedVideo:
     model_name: str
     vision_peak_bytes: int = 0  # CUDA: peak allocated while the vision tower ran (0 on other devices)
     vision_flops: float = 0.0
+    source: str = "vision"  # "vision": this process ran the vision tower; "cache": read from the video cache
+    answers: int = 0  # questions answered about it so far (later ones reuse it: ``reused.video``)
     _compressed: dict[tuple, tuple[Any, float]] = field(default_factory=dict, repr=False)
 
     @property
@@ -127,7 +129,7 @@ class PreparedVideo:
     @property
     def num_frames(self) -> int:
         """Sampled frames T (decoded)."""
-        return int(self.clip.frames.shape[0])
+        return self.clip.num_frames
 
     @property
     def num_units(self) -> int:

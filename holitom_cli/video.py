@@ -90,10 +90,12 @@ class VideoMeta:
 class VideoClip:
     """Sampled frames of one video.
 
-    frames: (T, H, W, 3) uint8 RGB; indices: T source frame indices (ascending); timestamps: T seconds.
+    frames: (T, H, W, 3) uint8 RGB, or None for a clip restored from the video cache (its vision outputs
+    are cached, its pixels are not: decode again where pixels are needed); indices: T source frame indices
+    (ascending); timestamps: T seconds.
     """
 
-    frames: np.ndarray
+    frames: np.ndarray | None
     indices: list[int]
     timestamps: list[float]
     meta: VideoMeta
@@ -102,7 +104,7 @@ class VideoClip:
 
     @property
     def num_frames(self) -> int:
-        return int(self.frames.shape[0])
+        return len(self.indices)
 
 
 def uniform_indices(frame_count: int, num_frames: int) -> list[int]:
