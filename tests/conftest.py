@@ -3,11 +3,24 @@
 from __future__ import annotations
 
 import itertools
+import os
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
+
+@pytest.fixture(scope="session", autouse=True)
+def _private_video_cache(tmp_path_factory):
+    """Every test (and every CLI process it starts) uses a fresh video cache folder, never ~/.cache/holitom."""
+    old = os.environ.get("HOLITOM_CACHE")
+    os.environ["HOLITOM_CACHE"] = str(tmp_path_factory.mktemp("holitom-cache"))
+    yield
+    if old is None:
+        os.environ.pop("HOLITOM_CACHE", None)
+    else:
+        os.environ["HOLITOM_CACHE"] = old
+
 
 _COLOURS = [(230, 40, 40), (40, 200, 60), (50, 80, 230), (240, 220, 30), (200, 60, 200), (30, 200, 210)]
 
