@@ -22,6 +22,12 @@ def _private_video_cache(tmp_path_factory):
         os.environ["HOLITOM_CACHE"] = old
 
 
+@pytest.fixture(autouse=True)
+def _fresh_video_cache(tmp_path_factory, monkeypatch):
+    """And a fresh one per test, so no test sees another's cached videos (module fixtures use the session's)."""
+    monkeypatch.setenv("HOLITOM_CACHE", str(tmp_path_factory.mktemp("video-cache")))
+
+
 _COLOURS = [(230, 40, 40), (40, 200, 60), (50, 80, 230), (240, 220, 30), (200, 60, 200), (30, 200, 210)]
 
 
