@@ -16,9 +16,12 @@ Then, in the same process and interleaved round-robin so machine noise hits ever
 - KV-cache bytes from the cache generate returns (the inner stage shortens layers >= K).
 
 Random weights stand in for the real ones (speed does not depend on weight values); the checkpoint is built
-from the real LLaVA-OneVision config directly in the target dtype (``holitom_cli.models.random_model``).
+from the real config of any family with a random-model shape, directly in the target dtype
+(``python -m holitom_cli.models.random_model --shape SHAPE DIR``: LLaVA-OV ``0.5b``/``7b``/..., Qwen
+``qwen2_5_vl-3b``, ``qwen3_vl-2b``, ...), then loaded like any checkpoint folder (``Pipeline.load``).
 
-``python -m benchmarks.e2e --shape 0.5b --frames 8 32`` (add ``--device cuda`` on a GPU).
+``python -m benchmarks.e2e --shape 0.5b --frames 8 32`` (add ``--device cuda`` on a GPU);
+``python -m benchmarks.e2e --shape qwen2_5_vl-3b --frames 16``.
 """
 
 from __future__ import annotations
@@ -48,17 +51,36 @@ QUESTION = "What happens in this video? Describe the main action."
 TARGETS = {"compress_pct": 5.0, "prefill_speedup": 7.0, "decode_speedup": 1.3}
 
 
+def random_shapes() -> list[str]:
+    """Every ``--shape`` the random-model builders know (LLaVA-OV's, then every registered Qwen family's)."""
+    from holitom_cli.models.random_model import SHAPES
+    from holitom_cli.models.random_qwen import QWEN_SHAPES
+
+    return [*SHAPES, *QWEN_SHAPES]
+
+
 def ensure_checkpoint(shape: str, model_dir: Path | None, cache: Path, dtype: str) -> Path:
     """An existing checkpoint folder, or a random one of ``shape`` built (once) under ``cache``."""
-    from holitom_cli.models.random_model import save_random_checkpoint
+    from holitom_cli.models.random_model import SHAPES, save_random_checkpoint
+    from holitom_cli.models.random_qwen import save_random_qwen
 
     if model_dir is not None:
         return model_dir
-    path = cache / f"ov-{shape}-{dtype}"
+    path = cache / (f"ov-{shape}-{dtype}" if shape in SHAPES else f"{shape}-{dtype}")
     if not (path / "config.json").is_file():
         log(f"building a random {shape} checkpoint in {dtype} at {path}")
-        save_random_checkpoint(path, shape=shape, dtype=dtype)
+        save = save_random_checkpoint if shape in SHAPES else save_random_qwen
+        save(path, shape=shape, dtype=dtype)
     return path
+
+
+def model_label(adapter: Any, shape: str, model_dir: Path | None, dtype: str) -> str:
+    """``<family display name>-<size> shapes (random weights, dtype)``, or the folder's name with --model-dir
+    when it was not built from ``--shape`` (the size is the shape name's last part: ``qwen3_vl-2b`` -> 2B)."""
+    family = adapter.DISPLAY_NAME or adapter.family
+    if model_dir is not None and shape not in model_dir.name:
+        return f"{family} {model_dir.name} ({dtype})"
+    return f"{family}-{shape.rsplit('-', 1)[-1].upper()} shapes (random weights, {dtype})"
 
 
 def peak_during(fn: Any, device: str) -> tuple[Any, int]:
@@ -164,6 +186,7 @@ def run_frames(pipe: Any, video_path: Path, frames: int, arms: list[tuple[str, A
             "kv_cache_bytes": runs[-1]["kv_cache_bytes"],
             "peak_alloc_bytes": results[name]["peak_alloc_bytes"],
             "flops": first["flops"],
+            "prefill_tflops": first["flops"]["holitom"] / 1e12,
             "inner": first["inner"],
         }
         rows.append(row)
@@ -195,6 +218,7 @@ def derive(block: dict) -> dict:
             base["decode_best_tokens_per_s"] or nan
         )
         r["kv_ratio"] = base["kv_cache_bytes"] / r["kv_cache_bytes"] if r["kv_cache_bytes"] else None
+        r["flops_ratio"] = r["flops"]["holitom"] / base["flops"]["holitom"]
         r["compress_pct_of_baseline_prefill"] = 100 * r["compress_s"] / base["prefill_s"]
     return block
 
@@ -204,6 +228,8 @@ def frames_table(block: dict) -> str:
         "arm",
         "tokens into LLM",
         "after inner",
+        "prefill TFLOPs",
+        "FLOPs vs base",
         "video decode s",
         "vision s",
         "compress s",
@@ -223,6 +249,8 @@ def frames_table(block: dict) -> str:
             r["arm"],
             r["tokens_into_llm"],
             r["tokens_after_inner"],
+            r["flops"]["holitom"] / 1e12,
+            f"{100 * r['flops_ratio']:.1f}%",
             r["decode_video_s"],
             r["vision_s"],
             r["compress_s"],
@@ -310,7 +338,14 @@ def markdown(data: dict) -> str:
         "",
     ]
     for block in data["blocks"]:
-        parts += [f"**{block['frames']} frames**", "", frames_table(block), "", runs_table(block), ""]
+        v = block["video"]
+        grid = "x".join(str(n) for n in v["grid"])
+        vision_tflops = block["rows"][0]["flops"]["vision"] / 1e12
+        title = (
+            f"**{block['frames']} frames** ({v['temporal_units']} temporal units of {v['frames_per_unit']} "
+            f"frame(s), {grid} tokens each; vision side {vision_tflops:.1f} TFLOPs)"
+        )
+        parts += [title, "", frames_table(block), "", runs_table(block), ""]
     if data["targets"]:
         headers = [
             "preset",
@@ -384,7 +419,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     import torch
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--shape", default="0.5b", help="random-model shape (tiny, 0.5b, 7b, 72b)")
+    ap.add_argument(
+        "--shape",
+        default="0.5b",
+        choices=random_shapes(),
+        metavar="SHAPE",
+        help="random-model shape: %(choices)s",
+    )
     ap.add_argument(
         "--model-dir", type=Path, default=None, help="use this checkpoint instead of a random one"
     )
@@ -445,7 +486,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     gen_cfg.min_new_tokens = args.new_tokens  # this instance only: random weights must not stop early
     log(f"loaded in {load_s:.1f} s")
 
-    label = f"LLaVA-OV-{args.shape.upper()} shapes (random weights, {args.dtype})"
+    label = model_label(pipe.model, args.shape, args.model_dir, args.dtype)
     blocks = []
     with torch.inference_mode():
         for frames in args.frames:

@@ -4,7 +4,8 @@
 - the prefill-curve fit recovers known coefficients and combines layers as K t(n) + (L-K) t(n');
 - the synthetic features have the temporal structure they claim (cuts, moving object, slow drift);
 - the Pillow chart draws bars whose lengths follow the data;
-- the end-to-end script runs on the tiny random model (2 frames, 1 repeat) and writes its outputs.
+- the end-to-end script runs on the tiny random model (2 frames, 1 repeat) and writes its outputs, and on
+  the tiny Qwen2.5-VL / Qwen3-VL shapes it builds itself (``--shape``), through the ordinary loader.
 """
 
 from __future__ import annotations
@@ -164,6 +165,47 @@ def test_e2e_runs_on_the_tiny_model(tiny_model_dir: Path, sample_video: Path, tm
     assert fast["prefill_speedup"] == pytest.approx(base["prefill_s"] / fast["prefill_s"])
     assert "| fastest |" in (tmp_path / "e2e_tiny.md").read_text()
     assert Image.open(tmp_path / "ttft.png").size[0] == 1000
+
+
+@pytest.mark.parametrize(
+    ("shape", "model_type", "label"),
+    [("qwen2_5_vl-tiny", "qwen2_5_vl", "Qwen2.5-VL-TINY"), ("qwen3_vl-tiny", "qwen3_vl", "Qwen3-VL-TINY")],
+)
+def test_e2e_builds_and_runs_the_tiny_qwen_shapes(
+    shape: str, model_type: str, label: str, sample_video: Path, tmp_path: Path
+) -> None:
+    from benchmarks import e2e
+
+    data = e2e.main(
+        [
+            "--shape", shape, "--cache", str(tmp_path / "models"), "--dtype", "float32",
+            "--video", str(sample_video), "--frames", "8", "--repeats", "1", "--new-tokens", "3",
+            "--presets", "fastest", "--out", str(tmp_path), "--name", "e2e_qwen",
+        ]
+    )  # fmt: skip
+    config = json.loads((tmp_path / "models" / f"{shape}-float32" / "config.json").read_text())
+    assert config["model_type"] == model_type  # the shape's builder ran; the loader chose the family
+    assert data["model_label"].startswith(label)
+    block = data["blocks"][0]
+    base, fast = block["rows"]
+    assert [base["arm"], fast["arm"]] == ["baseline", "fastest"]
+    assert base["new_tokens"] == [3] and fast["new_tokens"] == [3]
+    # The grid, by hand: the 96x64 clip is inside the tiny shapes' pixel budget, so each side is rounded to a
+    # multiple of patch * merge (28 px for Qwen2.5-VL, 32 px for Qwen3-VL): 64 -> 2 rows, 96 -> 3 cols.
+    vision = config["vision_config"]
+    factor = vision["patch_size"] * vision["spatial_merge_size"]
+    rows, cols = round(64 / factor), round(96 / factor)
+    assert (rows, cols) == (2, 3)
+    units = 8 // vision["temporal_patch_size"]
+    assert block["video"]["temporal_units"] == units and block["video"]["grid"] == [rows, cols]
+    assert base["tokens_into_llm"] == units * rows * cols  # no suffix token in the Qwen families
+    assert fast["tokens_into_llm"] < base["tokens_into_llm"]
+    assert fast["tokens_after_inner"] < fast["tokens_into_llm"]  # the inner stage ran
+    assert fast["prefill_tflops"] < base["prefill_tflops"]
+    assert fast["flops_ratio"] == pytest.approx(fast["prefill_tflops"] / base["prefill_tflops"])
+    assert base["flops_ratio"] == 1.0
+    md = (tmp_path / "e2e_qwen.md").read_text()
+    assert f"{units} temporal units of 2 frame(s), {rows}x{cols} tokens each" in md and "| fastest |" in md
 
 
 # ------------------------------------------------------------------------------------------ vs reference
