@@ -314,3 +314,36 @@ def generation_options(
                 hint="add --temperature, e.g. --temperature 0.7, or drop " + " and ".join(given),
             )
     return GenerationOptions(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
+
+
+# ---------------------------------------------------------------- video cache (docs/cache.md)
+
+PANEL_CACHE = "Video cache"
+
+NoCacheOpt = Annotated[
+    bool,
+    typer.Option(
+        "--no-cache",
+        help="Do not read or write the video cache: decode the video and run the vision tower again.",
+        rich_help_panel=PANEL_CACHE,
+    ),
+]
+CacheSizeOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--cache-size",
+        help="Cap on the video cache's size, e.g. 10GB, 500MB, 2GiB; least recently used videos are evicted "
+        "beyond it. (default: 10GB)",
+        rich_help_panel=PANEL_CACHE,
+        show_default=False,
+    ),
+]
+CacheDirOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--cache-dir",
+        help="Folder of the video cache (default: $HOLITOM_CACHE, else ~/.cache/holitom).",
+        rich_help_panel=PANEL_CACHE,
+        show_default=False,
+    ),
+]
