@@ -1,8 +1,16 @@
-"""``holitom ask VIDEO QUESTION``: stream the answer to stdout, then a report on stderr."""
+"""``holitom ask VIDEO QUESTION [QUESTION ...]``: stream each answer to stdout, then a report on stderr.
+
+With several questions (arguments, repeated ``-q``, ``--questions FILE``) the model loads once and the video
+is prepared once; the questions are answered in turn, each with its report, then a summary table. An
+error on one of several questions is reported (``Error: question N: ...``) and the others are still
+answered; the exit code is then 1. With one question, any error ends the command, as it always did.
+"""
 
 from __future__ import annotations
 
 import sys
+from pathlib import Path
+from typing import Annotated, Any
 
 import typer
 
@@ -11,7 +19,6 @@ from holitom_cli.cli.options import (
     DEFAULT_MAX_NEW_TOKENS,
     DEFAULT_MODEL,
     DEFAULT_REPEATS,
-    AskQuestionOpt,
     CompareBaselineOpt,
     DeviceOpt,
     DtypeOpt,
@@ -29,7 +36,6 @@ from holitom_cli.cli.options import (
     OfflineOpt,
     PresetOpt,
     QuantizeOpt,
-    QuestionArg,
     QuietOpt,
     RepeatsOpt,
     RetainRatioOpt,
@@ -42,28 +48,87 @@ from holitom_cli.cli.options import (
     VideoArg,
     generation_options,
 )
-from holitom_cli.cli.settings import build_config, sampling_options
-from holitom_cli.errors import ConfigError
+from holitom_cli.cli.settings import build_config, check_question_text, sampling_options
+from holitom_cli.errors import ConfigError, HolitomError
+from holitom_cli.limits import MAX_QUESTION_CHARS
+
+MAX_ASK_QUESTIONS = 1000  # questions in one ``ask`` call (more: use ``holitom batch``)
+
+QuestionsArg = Annotated[
+    list[str] | None,
+    typer.Argument(
+        help=f"Question(s) to ask about the video, each at most {MAX_QUESTION_CHARS:,} characters "
+        "(or use -q / --questions).",
+        show_default=False,
+    ),
+]
+AskQuestionsOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--question",
+        "-q",
+        help="A question, instead of the QUESTION arguments (handy when it starts with '-'); repeatable.",
+        show_default=False,
+    ),
+]
+AskQuestionsFileOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--questions",
+        help="Text file (UTF-8) with one question per line, asked after the others.",
+        show_default=False,
+        dir_okay=False,
+    ),
+]
 
 
-def one_question(positional: str | None, option: str | None) -> str:
-    """The question, given either as the QUESTION argument or with -q/--question (a usage error otherwise)."""
-    if positional is not None and option is not None:
+def collect_questions(
+    positional: list[str] | None, option: list[str] | None, questions_file: Path | None = None
+) -> list[str]:
+    """The questions in order: the QUESTION arguments or the ``-q`` ones (not both), then the file's.
+
+    Raises a usage error (exit 2) when none is given or both forms are; ConfigError for a file that cannot be
+    read, too many questions, or a question that is empty, too long or not valid text (named by number when
+    there are several).
+    """
+    if positional and option:
         raise typer.BadParameter(
-            "give the question once: as the QUESTION argument or with -q/--question, not both",
+            "give the questions as QUESTION arguments or with -q/--question, not both",
             param_hint="QUESTION / -q",
         )
-    if positional is None and option is None:
+    asked = list(positional or option or [])
+    if questions_file is not None:
+        from holitom_cli.batchio import read_questions
+
+        asked += read_questions(questions_file)
+    if not asked:
         raise typer.BadParameter(
-            "a question is needed (QUESTION argument or -q/--question)", param_hint="QUESTION"
+            "a question is needed (QUESTION argument, -q/--question or --questions FILE)",
+            param_hint="QUESTION",
         )
-    return positional if positional is not None else option
+    if len(asked) > MAX_ASK_QUESTIONS:
+        raise ConfigError(
+            f"{len(asked):,} questions in one call, more than the limit of {MAX_ASK_QUESTIONS:,}",
+            hint="Use holitom batch for long lists of questions (it resumes where it stopped).",
+        )
+    for i, text in enumerate(asked):
+        name = question_name(i, len(asked))
+        check_question_text(text, name)
+        if not text.strip():
+            raise ConfigError(f"{name} is empty", hint="Ask something about the video.")
+    return asked
+
+
+def question_name(index: int, count: int) -> str:
+    """``the question`` when there is one, ``question 3`` (1-based) among several."""
+    return "the question" if count == 1 else f"question {index + 1}"
 
 
 def ask_command(
     video: VideoArg,
-    question: QuestionArg = None,
-    question_opt: AskQuestionOpt = None,
+    questions: QuestionsArg = None,
+    question_opt: AskQuestionsOpt = None,
+    questions_file: AskQuestionsFileOpt = None,
     model: ModelOpt = DEFAULT_MODEL,
     revision: RevisionOpt = None,
     device: DeviceOpt = "auto",
@@ -91,15 +156,21 @@ def ask_command(
     verbose: VerboseOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
-    """Answer a question about a video.
+    """Answer one or several questions about a video.
 
     The answer streams to stdout; a report (visual tokens at each stage, FLOPs, time to first token, decode
-    speed, memory) follows on stderr. With --json, stdout holds exactly one JSON object (docs/json-schema.md).
+    speed, memory, what was reused) follows on stderr. With --json, stdout holds exactly one JSON object per
+    question, one per line (docs/json-schema.md).
+
+    Several questions (holitom ask v.mp4 "q1" "q2", -q repeated, or --questions FILE): the model loads once,
+    the video is prepared once, and each question is answered in turn, independently of the others (answers
+    on stdout separated by a blank line, each with its report, then a summary table). An error on one of
+    them is reported and the others are still answered; the exit code is then 1.
 
     Example: holitom ask assets/sample.mp4 "What does the red circle do?"
     """
     # Everything that can be checked without the model is checked first, so mistakes fail in a second.
-    question = one_question(question, question_opt)
+    asked = collect_questions(questions, question_opt, questions_file)
     if verbose and quiet:
         raise ConfigError("--verbose and --quiet cannot be used together", hint="Pick one.")
     cfg = build_config(preset, retain_ratio, tau, inner_layer, inner_prune_ratio, no_inner, no_compress)
@@ -109,10 +180,6 @@ def ask_command(
             hint="Drop --no-compress: the comparison runs the full model anyway.",
         )
     sampling = sampling_options(frames, fps, max_frames)
-    from holitom_cli.pipeline import check_question
-
-    check_question(question)
-
     generation = generation_options(max_new_tokens, temperature, top_p, seed)
     check_video_path(video)
     gif = explain is not None and explain.suffix.lower() == ".gif"
@@ -121,20 +188,10 @@ def ask_command(
 
         check_output_path(explain, gif=gif)
 
-    from holitom_cli.cli.report import (
-        Spinner,
-        answer_record,
-        prepare_with_progress,
-        preset_record,
-        print_comparison,
-        print_report,
-        settings_line,
-        stderr_console,
-    )
+    from holitom_cli.cli.report import prepare_with_progress, stderr_console
 
     console = stderr_console()
     show = not quiet
-    interactive = show and not as_json  # the spinners: only with the Rich report (and a terminal)
     pipe = load_pipeline(
         console,
         show,
@@ -147,50 +204,158 @@ def ask_command(
     )
     if cfg is not None:  # settings that cannot fit this model fail before the video work
         cfg.resolve_inner_layer(pipe.model.num_layers)
-    pipe.check_question(question, generation)  # the question alone must leave room in the context
+    for question in asked:  # each question alone must leave room in the context
+        pipe.check_question(question, generation)
     prepared = prepare_with_progress(pipe, video, sampling, console if show else None)
 
-    stream = None if as_json else _stdout_writer()
-    runs = None
-    if compare_baseline:
-        runs = _compare(
-            console, interactive, show, stream, pipe, prepared, question, cfg, generation, repeats
-        )
-        answer, baseline = runs.holitom[0], runs.baseline[0]
-    else:
-        with Spinner(console, "Prefilling ...", enabled=interactive) as spinner:
-            answer = pipe.ask(prepared, question, cfg, generation, on_text=spinner.until_first(stream))
-        if stream is not None:
-            stream("\n")
-        baseline = None
+    run = _Run(pipe, prepared, console, cfg, generation, preset, as_json, show, verbose, explain, gif)
+    if len(asked) == 1:
+        run.answer(asked[0], compare_baseline, repeats)
+        return
+    failed = run.answer_all(asked, compare_baseline, repeats)
+    if failed:
+        raise typer.Exit(1)
 
-    merge_map = None
-    if explain is not None:
+
+class _Run:
+    """Answers questions about one prepared video and prints each one's answer, JSON line and report."""
+
+    def __init__(
+        self, pipe, prepared, console, cfg, generation, preset, as_json, show, verbose, explain, gif
+    ):
+        self.pipe, self.prepared, self.console = pipe, prepared, console
+        self.cfg, self.generation, self.preset = cfg, generation, preset
+        self.as_json, self.show, self.verbose = as_json, show, verbose
+        self.explain, self.gif = explain, gif
+        self.interactive = show and not as_json  # the spinners: only with the Rich report (and a terminal)
+        self.stream = None if as_json else stdout_writer()
+        self.merge_map: str | None = None
+        self.warmed = False  # --compare-baseline: the warm-up ran (once per call)
+
+    def answer(self, question: str, compare_baseline: bool, repeats: int) -> dict[str, Any]:
+        """Answer one question: stream it, write its JSON line or print its report; the record."""
+        from holitom_cli.cli.report import (
+            Spinner,
+            answer_record,
+            print_comparison,
+            print_report,
+        )
+
+        runs = None
+        if compare_baseline:
+            runs = compare_runs(
+                self.console, self.interactive, self.show, self.stream, self.pipe, self.prepared,
+                question, self.cfg, self.generation, repeats, warm=not self.warmed,
+            )  # fmt: skip
+            self.warmed = True
+            answer, baseline = runs.holitom[0], runs.baseline[0]
+        else:
+            with Spinner(self.console, "Prefilling ...", enabled=self.interactive) as spinner:
+                answer = self.pipe.ask(
+                    self.prepared,
+                    question,
+                    self.cfg,
+                    self.generation,
+                    on_text=spinner.until_first(self.stream),
+                )
+            if self.stream is not None:
+                self.stream("\n")
+            baseline = None
+
+        new_map = self.merge_map is None and self.explain is not None
+        if new_map:  # the outer stage does not depend on the question: one picture for every answer
+            self.merge_map = self._save_merge_map(question, answer)
+        record = answer_record(
+            question, answer, self.prepared, baseline, self.merge_map, preset=self.preset, runs=runs
+        )
+        if self.as_json:
+            write_json_line(record)
+        if self.show and not self.as_json:
+            self.console.print()
+            print_report(record, self.console, verbose=self.verbose)
+            if baseline is not None:
+                print_comparison(record, self.console)
+        if self.show and new_map:
+            self.console.print(f"Merge map written to {self.merge_map}")
+        return record
+
+    def answer_all(self, asked: list[str], compare_baseline: bool, repeats: int) -> int:
+        """Answer every question in turn (headers on stderr, a blank line between answers on stdout), then
+        the summary table; returns the number of questions that failed."""
+        from rich.markup import escape
+
+        from holitom_cli.cli.errors import one_line, print_error
+        from holitom_cli.cli.report import error_line_record, print_summary
+
+        records = []
+        for i, question in enumerate(asked):
+            if i and self.stream is not None:
+                self.stream("\n")
+            if self.show and not self.as_json:
+                if i:
+                    self.console.print()
+                header = f"[bold]Question {i + 1} of {len(asked)}:[/bold] {escape(one_line(question))}"
+                self.console.print(header, highlight=False)
+            try:
+                records.append(self.answer(question, compare_baseline, repeats))
+            except BrokenPipeError:
+                raise
+            except Exception as exc:  # reported, and the next question is still answered
+                message, hint = failure_text(exc)
+                print_error(f"{question_name(i, len(asked))}: {message}", hint)
+                record = error_line_record(
+                    question, message, self.prepared, self.pipe, self.cfg, self.generation, self.preset
+                )
+                records.append(record)
+                if self.as_json:
+                    write_json_line(record)
+        failed = sum(1 for r in records if r.get("error"))
+        if self.show and not self.as_json:
+            self.console.print()
+            print_summary(records, self.console)
+        if failed:
+            print_error(
+                f"{failed} of {len(asked)} questions failed",
+                "See the error line of each above; the other answers are complete.",
+            )
+        return failed
+
+    def _save_merge_map(self, question: str, answer: Any) -> str:
         from holitom_cli.cli.inspect_cmd import save_unit_merge_map
+        from holitom_cli.cli.report import preset_record, settings_line
 
         stats = answer.stats.to_dict()
-        named = {"config": stats["holitom"], "preset": preset_record(preset, stats["holitom"]), **stats}
-        caption = f"{question}  ·  {pipe.model.name}  ·  {settings_line(named)}"
-        merge_map = str(save_unit_merge_map(explain, prepared, answer.compression, caption, gif))
-
-    record = answer_record(question, answer, prepared, baseline, merge_map, preset=preset, runs=runs)
-    if as_json:
-        from holitom_cli.batchio import dumps_line
-
-        sys.stdout.write(dumps_line(record) + "\n")
-        sys.stdout.flush()
-    if show and not as_json:
-        console.print()
-        print_report(record, console, verbose=verbose)
-        if baseline is not None:
-            print_comparison(record, console)
-        if merge_map is not None:
-            console.print(f"Merge map written to {merge_map}")
-    elif show and merge_map is not None:
-        console.print(f"Merge map written to {merge_map}")
+        named = {"config": stats["holitom"], "preset": preset_record(self.preset, stats["holitom"]), **stats}
+        caption = f"{question}  ·  {self.pipe.model.name}  ·  {settings_line(named)}"
+        return str(save_unit_merge_map(self.explain, self.prepared, answer.compression, caption, self.gif))
 
 
-def _compare(console, interactive, show, stream, pipe, prepared, question, cfg, generation, repeats):
+def failure_text(exc: BaseException) -> tuple[str, str | None]:
+    """``(message, hint)`` of a failed question, as cli/errors.py would print them (traceback with
+    HOLITOM_DEBUG=1)."""
+    import traceback
+
+    from holitom_cli.cli.errors import BUG_HINT, debug_enabled
+
+    if debug_enabled():
+        traceback.print_exception(exc, file=sys.stderr)
+    if isinstance(exc, HolitomError):
+        return exc.message, exc.hint
+    if isinstance(exc, MemoryError):
+        return "out of memory", "Use fewer frames (--frames), a smaller model, or --quantize 8bit."
+    summary = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+    return f"unexpected failure ({summary})", BUG_HINT
+
+
+def write_json_line(record: dict[str, Any]) -> None:
+    from holitom_cli.batchio import dumps_line
+
+    sys.stdout.write(dumps_line(record) + "\n")
+    sys.stdout.flush()
+
+
+def compare_runs(console, interactive, show, stream, pipe, prepared, question, cfg, generation, repeats,
+                 warm=True, history=()):  # fmt: skip
     """--compare-baseline: warm-up, then full model / HoliTom interleaved ``repeats`` times.
 
     The first answer of each side streams to stdout (a blank line between them, labels on stderr); a spinner
@@ -200,7 +365,7 @@ def _compare(console, interactive, show, stream, pipe, prepared, question, cfg, 
 
     labels = {"baseline": "Full model (no compression)", "holitom": "HoliTom"}
     short = {"baseline": "full model", "holitom": "HoliTom"}
-    state = {"spinner": Spinner(console, "Warming up ...", enabled=interactive).__enter__()}
+    state = {"spinner": Spinner(console, "Warming up ...", enabled=interactive and warm).__enter__()}
 
     def on_run(index: int, kind: str) -> None:
         state["spinner"].stop()
@@ -221,8 +386,9 @@ def _compare(console, interactive, show, stream, pipe, prepared, question, cfg, 
 
     try:
         runs = compare_with_baseline(
-            pipe, prepared, question, cfg, generation, repeats, on_text=on_text, on_run=on_run
-        )
+            pipe, prepared, question, cfg, generation, repeats, on_text=on_text, on_run=on_run, warm=warm,
+            history=history,
+        )  # fmt: skip
     finally:
         state["spinner"].stop()
     if stream is not None:
@@ -233,7 +399,7 @@ def _compare(console, interactive, show, stream, pipe, prepared, question, cfg, 
 _CONTROL = {c: None for c in range(32) if chr(c) not in "\n\t"} | {127: None}
 
 
-def _stdout_writer():
+def stdout_writer():
     """Write answer pieces to stdout as they come; on a terminal, control characters are dropped."""
     clean = sys.stdout.isatty()
 

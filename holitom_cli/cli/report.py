@@ -63,7 +63,7 @@ def video_record(video: Any) -> dict[str, Any]:
     }
 
 
-def _answer_part(answer: Any) -> dict[str, Any]:
+def _answer_part(answer: Any, video: Any = None) -> dict[str, Any]:
     stats = answer.stats.to_dict()
     return {
         "answer": answer.text,
@@ -75,7 +75,28 @@ def _answer_part(answer: Any) -> dict[str, Any]:
         "new_tokens": stats.get("new_tokens"),
         "prompt_tokens": stats.get("prompt_tokens"),
         "inner": stats.get("inner"),
+        "reused": reused_record(stats, video),
     }
+
+
+def reused_record(stats: dict[str, Any], video: Any = None) -> dict[str, Any]:
+    """The ``reused`` object: what this answer did not compute again (docs/json-schema.md).
+
+    ``compression``: the outer stage's result came from an earlier answer; ``video``: the prepared video
+    (frames, vision features) came from memory or the video cache; ``prefix_kv_tokens``: prompt positions
+    whose KV came from an earlier question; ``vision_s_saved``: with ``video``, the vision time of the first
+    preparation, which this answer did not spend (null otherwise).
+    """
+    reused = dict(stats.get("reused") or {})
+    out: dict[str, Any] = {
+        "compression": bool(reused.pop("compression", False)),
+        "video": bool(reused.pop("video", False)),
+        "prefix_kv_tokens": int(reused.pop("prefix_kv_tokens", 0) or 0),
+        **reused,
+    }
+    first = getattr(video, "vision_s", None)  # the PreparedVideo: its vision time when first prepared
+    out["vision_s_saved"] = float(first) if out["video"] and first is not None else None
+    return out
 
 
 def _ratio(num: float | None, den: float | None) -> float | None:
@@ -84,11 +105,19 @@ def _ratio(num: float | None, den: float | None) -> float | None:
     return num / den
 
 
-def warm_up(pipe: Any, prepared: Any, question: str, cfg: Any) -> None:
+def ask_with(pipe: Any, prepared: Any, question: str, cfg: Any, generation: Any, on_text: Any = None,
+             history: Any = ()) -> Any:  # fmt: skip
+    """``pipe.ask``, with the earlier ``(question, answer)`` turns of a conversation when there are any."""
+    if history:
+        return pipe.ask(prepared, question, cfg, generation, on_text=on_text, history=tuple(history))
+    return pipe.ask(prepared, question, cfg, generation, on_text=on_text)
+
+
+def warm_up(pipe: Any, prepared: Any, question: str, cfg: Any, history: Any = ()) -> None:
     """One short answer (1 new token, compressed) so one-time start-up costs fall on neither compared run."""
     from holitom_cli.pipeline import GenerationOptions
 
-    pipe.ask(prepared, question, cfg, GenerationOptions(max_new_tokens=1))
+    ask_with(pipe, prepared, question, cfg, GenerationOptions(max_new_tokens=1), history=history)
 
 
 @dataclass
@@ -113,19 +142,21 @@ def compare_with_baseline(
     on_text: Any = None,
     on_run: Any = None,
     warm: bool = True,
+    history: Any = (),
 ) -> Comparison:
     """Answer ``repeats`` times without and with compression, interleaved (full model, HoliTom, ...).
 
     A one-token warm-up answer runs first (``warm=False`` skips it, e.g. when it ran for an earlier item), so
     one-time start-up costs fall on neither side. ``on_text(kind, piece)`` streams the first answer of each
     side (``kind`` is ``"baseline"`` or ``"holitom"``); ``on_run(index, kind)`` is called before every run.
+    ``history``: earlier ``(question, answer)`` turns, the same for every run (``holitom chat``).
     """
     if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
         from holitom_cli.errors import ConfigError
 
         raise ConfigError(f"repeats must be an integer >= 1, got {repeats!r}", hint="e.g. --repeats 3")
     if warm:
-        warm_up(pipe, prepared, question, cfg)
+        warm_up(pipe, prepared, question, cfg, history)
     runs = Comparison()
     for i in range(repeats):
         for kind, setting, answers in (("baseline", None, runs.baseline), ("holitom", cfg, runs.holitom)):
@@ -134,7 +165,7 @@ def compare_with_baseline(
             stream = None
             if i == 0 and on_text is not None:
                 stream = lambda piece, kind=kind: on_text(kind, piece)  # noqa: E731
-            answers.append(pipe.ask(prepared, question, setting, generation, on_text=stream))
+            answers.append(ask_with(pipe, prepared, question, setting, generation, stream, history))
     return runs
 
 
@@ -225,7 +256,7 @@ def answer_record(
     record: dict[str, Any] = {
         "schema_version": SCHEMA_VERSION,
         "question": question,
-        **_answer_part(answer),
+        **_answer_part(answer, video),
         "model": stats["model"],
         "preset": preset_record(preset, stats["holitom"]),
         "config": stats["holitom"],
@@ -236,9 +267,29 @@ def answer_record(
     if merge_map is not None:
         record["merge_map"] = merge_map
     if baseline is not None:
-        record["baseline"] = _answer_part(baseline)
+        record["baseline"] = _answer_part(baseline, video)
         record["speedup"] = speedups(record, record["baseline"], runs)
     return record
+
+
+def error_line_record(
+    question: str, message: str, video: Any, pipe: Any, cfg: Any, generation: Any, preset: str | None = None
+) -> dict[str, Any]:
+    """The JSON line of one of several questions that failed: ``answer`` null, ``error`` the message, and the
+    settings and video it was asked with (no measurements)."""
+    config = cfg.to_dict() if cfg is not None else None
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "question": question,
+        "answer": None,
+        "error": message,
+        "model": pipe.model.describe(),
+        "preset": preset_record(preset, config),
+        "config": config,
+        "generation": generation.to_dict(),
+        "video": video_record(video),
+        "versions": versions(),
+    }
 
 
 # ------------------------------------------------------------------------------------------- Rich report
@@ -408,6 +459,9 @@ def print_report(record: dict[str, Any], console: Console, verbose: bool = False
     )
     console.print(Columns([token_table(record), timing_table(record)], padding=(0, 4)))
     console.print(flops_table(record))
+    reused = reused_text(record)
+    if reused:
+        console.print(f"Reused: {escape(reused)}", highlight=False)
     if verbose:
         inner = record.get("inner") or {}
         settings = Table(title="Settings", title_justify="left", show_edge=False, show_header=False)
@@ -431,6 +485,80 @@ def print_report(record: dict[str, Any], console: Console, verbose: bool = False
         settings.add_row("KV cache", _fmt_bytes(record.get("kv_cache_bytes")))
         settings.add_row("total time", _fmt_s((record.get("timings") or {}).get("total_s")))
         console.print(settings)
+
+
+def reused_text(record: dict[str, Any], short: bool = False) -> str:
+    """What the answer took from earlier work and what that saved, from ``record["reused"]``; "" if nothing.
+
+    ``the prepared video (vision tower not run: 2.31 s saved) · KV of 812 prompt positions from an earlier
+    question (prefill ran on 20 of 832) · compression``; ``short``: ``video, 812 KV, compression``.
+    """
+    reused = record.get("reused") or {}
+    parts = []
+    if reused.get("video"):
+        saved = reused.get("vision_s_saved")
+        if short:
+            parts.append("video")
+        elif saved is not None:
+            parts.append(f"the prepared video (vision tower not run: {_fmt_s(saved)} saved)")
+        else:
+            parts.append("the prepared video (vision tower not run)")
+    kv = reused.get("prefix_kv_tokens") or 0
+    if kv:
+        if short:
+            parts.append(f"{kv:,} KV")
+        else:
+            prompt = record.get("prompt_tokens")
+            ran = f" (prefill ran on {prompt - kv:,} of {prompt:,})" if prompt and prompt >= kv else ""
+            parts.append(f"KV of {_plural(kv, 'prompt position')} from an earlier question{ran}")
+    if reused.get("compression"):
+        parts.append("compression" if short else "HoliTom's outer stage (compression)")
+    return (", " if short else " · ").join(parts)
+
+
+def compact_line(record: dict[str, Any]) -> str:
+    """One line for ``holitom chat``: tokens, time to first token, decode speed, what was reused."""
+    tok = record["tokens"]
+    t = record["timings"]
+    parts = [
+        f"{tok['into_llm']:,} of {tok['input']:,} visual tokens into the LLM",
+        f"{record.get('prompt_tokens', 0):,} prompt tokens",
+        f"TTFT {_fmt_s(t['ttft_s'])}",
+        _fmt_rate(t["decode_tokens_per_s"]),
+        settings_line(record),
+    ]
+    reused = reused_text(record, short=True)
+    if reused:
+        parts.append(f"reused: {reused}")
+    return " · ".join(parts)
+
+
+def print_summary(records: list[dict[str, Any]], console: Console, width: int = 48) -> None:
+    """The table after several questions: question, visual tokens into the LLM, TTFT, what was reused."""
+    from holitom_cli.cli.errors import one_line
+
+    table = Table(title="Summary", title_justify="left", show_edge=False)
+    table.add_column("#", justify="right")
+    table.add_column("question")
+    table.add_column("tokens into LLM", justify="right")
+    table.add_column("TTFT", justify="right")
+    table.add_column("reused")
+    for i, record in enumerate(records, 1):
+        question = one_line(record.get("question", ""))
+        if len(question) > width:
+            question = question[: width - 3] + "..."
+        if record.get("error"):
+            error = one_line(record["error"])
+            table.add_row(str(i), escape(question), "-", "-", escape(f"failed: {error}"))
+            continue
+        table.add_row(
+            str(i),
+            escape(question),
+            f"{record['tokens']['into_llm']:,}",
+            _fmt_s(record["timings"]["ttft_s"]),
+            escape(reused_text(record, short=True) or "-"),
+        )
+    console.print(table)
 
 
 def _median_of(runs: list[dict[str, Any]], key: str) -> float | None:
@@ -514,14 +642,19 @@ class _FramesColumn(ProgressColumn):
         return Text(f"{int(task.completed)}/{int(task.total)}", style="progress.download")
 
 
-def prepare_with_progress(pipe: Any, video: Any, sampling: Any, console: Console | None) -> Any:
+def prepare_with_progress(
+    pipe: Any, video: Any, sampling: Any, console: Console | None, prepare: Any = None
+) -> Any:
     """Decode the video and run the vision tower with a progress line on ``console`` (None: silently).
 
     ``Reading NAME`` with a spinner while OpenCV decodes, then ``Encoding frames n/T`` with a bar: the
     pipeline reports ``(0, T)`` as soon as the frames are decoded, then the vision tower's progress.
+    ``prepare(video, sampling, on_progress=...)``: what prepares it (default ``pipe.prepare_video``; the
+    commands pass the video cache's).
     """
+    prepare = prepare if prepare is not None else pipe.prepare_video
     if console is None:
-        return pipe.prepare_video(video, sampling)
+        return prepare(video, sampling)
     from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeRemainingColumn
 
     columns = [
@@ -537,7 +670,7 @@ def prepare_with_progress(pipe: Any, video: Any, sampling: Any, console: Console
         def on_progress(done: int, total: int) -> None:
             progress.update(task, description="Encoding frames", completed=done, total=total)
 
-        return pipe.prepare_video(video, sampling, on_progress=on_progress)
+        return prepare(video, sampling, on_progress=on_progress)
 
 
 class Spinner:
