@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import stat
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -103,10 +104,14 @@ class FileId:
 
 
 def file_id(path: Path) -> FileId:
-    """Hash the file's bytes in chunks (never the whole file in memory)."""
+    """Hash the file's bytes in chunks (never the whole file in memory). OSError for anything but a regular
+    file (opened non-blocking: a FIFO never blocks here; ``load_video`` then says what is wrong)."""
     digest = hashlib.blake2b(digest_size=32)
-    with open(path, "rb") as handle:
-        info = os.fstat(handle.fileno())
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    with open(fd, "rb") as handle:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise OSError(f"{path} is not a regular file")
         while chunk := handle.read(_CHUNK):
             digest.update(chunk)
     return FileId(digest.hexdigest(), info.st_size, info.st_mtime_ns, info.st_ino)

@@ -29,6 +29,8 @@ from holitom_cli.cli.options import (
     DEFAULT_MAX_NEW_TOKENS,
     DEFAULT_MODEL,
     PANEL_OUTPUT,
+    CacheDirOpt,
+    CacheSizeOpt,
     CompareBaselineOpt,
     DeviceOpt,
     DtypeOpt,
@@ -39,6 +41,7 @@ from holitom_cli.cli.options import (
     MaxFramesOpt,
     MaxNewTokensOpt,
     ModelOpt,
+    NoCacheOpt,
     NoCompressOpt,
     NoInnerOpt,
     OfflineOpt,
@@ -202,20 +205,22 @@ def error_record(job: BatchJob, item: Any, message: str, prepared: Any = None) -
 
 
 def answer_video(
-    pipe: Any, job: BatchJob, video: Any, items: list, state: dict
+    pipe: Any, job: BatchJob, video: Any, items: list, state: dict, cache: Any = None
 ) -> Iterator[tuple[dict, str | None]]:
     """Prepare one video once, then answer its items one by one: yields ``(record, failure line or None)``.
 
     ``video``: its path, or an already decoded VideoClip (Ray's decoding tasks). A video that cannot be
     prepared gives an error line for every item (and one failure line). ``state`` lives as long as the
-    pipeline (``warmed``: the --compare-baseline warm-up already ran).
+    pipeline (``warmed``: the --compare-baseline warm-up already ran). ``cache``: the video cache a path is
+    prepared through (``holitom_cli.video_cache``; None: none).
     """
     from holitom_cli import batchio
     from holitom_cli.cli.report import answer_record, compare_with_baseline
+    from holitom_cli.video_cache import prepare_video_cached
 
     label = batchio.path_text(items[0].video.name) if items else ""
     try:
-        prepared = pipe.prepare_video(video, job.sampling)
+        prepared = prepare_video_cached(pipe, video, job.sampling, cache=cache)
     except Exception as exc:
         message = describe_error(exc)
         for i, item in enumerate(items):
@@ -364,6 +369,9 @@ def batch_command(
     top_p: TopPOpt = None,
     seed: SeedOpt = None,
     quiet: QuietLongOpt = False,
+    no_cache: NoCacheOpt = False,
+    cache_size: CacheSizeOpt = None,
+    cache_dir: CacheDirOpt = None,
     verbose: RayVerboseOpt = False,
     workers: WorkersOpt = None,
     ray_address: RayAddressOpt = None,
@@ -393,6 +401,10 @@ def batch_command(
         )
     sampling = sampling_options(frames, fps, max_frames)
     generation = generation_options(max_new_tokens, temperature, top_p, seed)
+    from holitom_cli.video_cache import open_cache, parse_size
+
+    if cache_size is not None:
+        parse_size(cache_size)  # a bad --cache-size fails before anything else
     ray_options = None
     if workers is None:
         if ray_address is not None or gpus_per_worker is not None:
@@ -482,6 +494,12 @@ def batch_command(
                 )
                 if cfg is not None:  # settings that cannot fit this model fail the run once, not every item
                     cfg.resolve_inner_layer(pipe.model.num_layers)
+                warn = (
+                    None
+                    if quiet
+                    else (lambda text: console.print(f"[yellow]Warning: {escape(text)}[/yellow]"))
+                )
+                cache = open_cache(no_cache, cache_size, cache_dir, warn=warn)
                 state: dict = {}
                 with _progress(console, quiet) as progress:
                     task = progress.add_task("answering", total=len(pending), failed=0)
@@ -489,7 +507,7 @@ def batch_command(
                         if flag.requested:
                             break
                         progress.update(task, description=escape(batchio.path_text(path.name)))
-                        for record, failure in answer_video(pipe, job, path, group, state):
+                        for record, failure in answer_video(pipe, job, path, group, state, cache):
                             store.append(record)
                             if record["error"] is None:
                                 answered += 1
