@@ -16,6 +16,8 @@ from holitom_cli.cli.common import check_video_path, load_pipeline
 from holitom_cli.cli.options import (
     DEFAULT_MODEL,
     PANEL_OUTPUT,
+    CacheDirOpt,
+    CacheSizeOpt,
     DeviceOpt,
     DtypeOpt,
     FpsOpt,
@@ -24,6 +26,7 @@ from holitom_cli.cli.options import (
     InnerPruneRatioOpt,
     MaxFramesOpt,
     ModelOpt,
+    NoCacheOpt,
     NoCompressOpt,
     NoInnerOpt,
     OfflineOpt,
@@ -77,6 +80,9 @@ def inspect_command(
     fps: FpsOpt = None,
     max_frames: MaxFramesOpt = None,
     quiet: QuietOpt = False,
+    no_cache: NoCacheOpt = False,
+    cache_size: CacheSizeOpt = None,
+    cache_dir: CacheDirOpt = None,
 ) -> None:
     """Draw what HoliTom merged: a contact sheet of the sampled frames with the token grid over them.
 
@@ -96,11 +102,16 @@ def inspect_command(
 
     check_video_path(video)
     check_output_path(output, gif=gif)
+    from holitom_cli.video_cache import open_cache, parse_size, prepare_video_cached
+
+    if cache_size is not None:
+        parse_size(cache_size)  # a bad --cache-size fails before the model loads
 
     from holitom_cli.cli.report import prepare_with_progress, stderr_console
 
     console = stderr_console()
     show = not quiet
+    cache = open_cache(no_cache, cache_size, cache_dir, warn=None if quiet else _warn(console))
     pipe = load_pipeline(
         console,
         show,
@@ -111,7 +122,13 @@ def inspect_command(
         quantize=quantize,
         offline=offline,
     )
-    prepared = prepare_with_progress(pipe, video, sampling, console if show else None)
+
+    def prepare(path: Any, sampling: Any, on_progress: Any = None) -> Any:  # the picture needs the pixels
+        return prepare_video_cached(
+            pipe, path, sampling, cache=cache, on_progress=on_progress, need_pixels=True
+        )
+
+    prepared = prepare_with_progress(pipe, video, sampling, console if show else None, prepare=prepare)
     result = pipe.compress(prepared, cfg) if cfg is not None else None
 
     full, ours = pipe.paper_flops(prepared, cfg, result)
@@ -123,13 +140,27 @@ def inspect_command(
     typer.echo(str(saved))
 
 
+def _warn(console: Any) -> Any:
+    from rich.markup import escape
+
+    return lambda text: console.print(f"[yellow]Warning: {escape(text)}[/yellow]", highlight=False)
+
+
 def save_unit_merge_map(output: Path, prepared: Any, result: Any, caption: str, gif: bool) -> Path:
     """The merge map of a prepared video: one tile per temporal unit (its first frame, at the unit's time)
     with the unit's rows x cols token grid. Used by ``inspect`` and ``ask --explain``."""
     from holitom_cli.render import save_merge_map
 
     tokens = prepared.tokens
-    frames = prepared.clip.frames[tokens.unit_frames]  # (T', H, W, 3)
+    pixels = prepared.clip.frames
+    if pixels is None:  # a video from the video cache comes without pixels: decode its frames again
+        from holitom_cli.video import load_video
+
+        s = prepared.clip.sampling
+        pixels = load_video(
+            prepared.path, num_frames=s.get("frames") or 32, fps=s.get("fps"), max_frames=s.get("max_frames")
+        ).frames
+    frames = pixels[tokens.unit_frames]  # (T', H, W, 3)
     unit = "frame" if tokens.frames_per_unit == 1 else "unit"
     if tokens.frames_per_unit > 1:
         caption = (
