@@ -67,7 +67,7 @@ def _root(
 
 
 def _register() -> None:
-    from holitom_cli.cli import ask, batch, commands, inspect_cmd
+    from holitom_cli.cli import ask, batch, cache_cmd, commands, inspect_cmd
 
     app.command("ask", no_args_is_help=True, cls=_HolitomCommand)(ask.ask_command)
     app.command("batch", no_args_is_help=True, cls=_HolitomCommand)(batch.batch_command)
@@ -76,6 +76,7 @@ def _register() -> None:
     app.command("models")(commands.models_command)
     app.command("download", no_args_is_help=True)(commands.download_command)
     app.command("env")(commands.env_command)
+    app.command("cache")(cache_cmd.cache_command)
 
 
 _register()
