@@ -19,6 +19,8 @@ from holitom_cli.cli.options import (
     DEFAULT_MAX_NEW_TOKENS,
     DEFAULT_MODEL,
     DEFAULT_REPEATS,
+    CacheDirOpt,
+    CacheSizeOpt,
     CompareBaselineOpt,
     DeviceOpt,
     DtypeOpt,
@@ -31,6 +33,7 @@ from holitom_cli.cli.options import (
     MaxFramesOpt,
     MaxNewTokensOpt,
     ModelOpt,
+    NoCacheOpt,
     NoCompressOpt,
     NoInnerOpt,
     OfflineOpt,
@@ -155,6 +158,9 @@ def ask_command(
     explain: ExplainOpt = None,
     verbose: VerboseOpt = False,
     quiet: QuietOpt = False,
+    no_cache: NoCacheOpt = False,
+    cache_size: CacheSizeOpt = None,
+    cache_dir: CacheDirOpt = None,
 ) -> None:
     """Answer one or several questions about a video.
 
@@ -192,6 +198,7 @@ def ask_command(
 
     console = stderr_console()
     show = not quiet
+    cache = open_video_cache(console, quiet, no_cache, cache_size, cache_dir)  # a bad --cache-size fails here
     pipe = load_pipeline(
         console,
         show,
@@ -206,7 +213,9 @@ def ask_command(
         cfg.resolve_inner_layer(pipe.model.num_layers)
     for question in asked:  # each question alone must leave room in the context
         pipe.check_question(question, generation)
-    prepared = prepare_with_progress(pipe, video, sampling, console if show else None)
+    prepared = prepare_with_progress(
+        pipe, video, sampling, console if show else None, prepare=cached_preparation(pipe, cache)
+    )
 
     run = _Run(pipe, prepared, console, cfg, generation, preset, as_json, show, verbose, explain, gif)
     if len(asked) == 1:
@@ -328,6 +337,32 @@ class _Run:
         named = {"config": stats["holitom"], "preset": preset_record(self.preset, stats["holitom"]), **stats}
         caption = f"{question}  ·  {self.pipe.model.name}  ·  {settings_line(named)}"
         return str(save_unit_merge_map(self.explain, self.prepared, answer.compression, caption, self.gif))
+
+
+def open_video_cache(
+    console: Any, quiet: bool, no_cache: bool, cache_size: str | None, cache_dir: str | None
+):
+    """The video cache of ``--no-cache`` / ``--cache-size`` / ``--cache-dir`` (None when off); its warnings
+    (a folder it cannot use) go to ``console`` unless ``quiet``. ConfigError for a bad --cache-size."""
+    from rich.markup import escape
+
+    from holitom_cli.video_cache import open_cache
+
+    def warn(text: str) -> None:
+        console.print(f"[yellow]Warning: {escape(text)}[/yellow]", highlight=False)
+
+    return open_cache(no_cache, cache_size, cache_dir, warn=None if quiet else warn)
+
+
+def cached_preparation(pipe: Any, cache: Any):
+    """``prepare(path, sampling, on_progress=None)`` through the video cache (the pixels are decoded again
+    only where a picture needs them: ``save_unit_merge_map``)."""
+    from holitom_cli.video_cache import prepare_video_cached
+
+    def prepare(path: Any, sampling: Any, on_progress: Any = None) -> Any:
+        return prepare_video_cached(pipe, path, sampling, cache=cache, on_progress=on_progress)
+
+    return prepare
 
 
 def failure_text(exc: BaseException) -> tuple[str, str | None]:

@@ -82,10 +82,10 @@ def _answer_part(answer: Any, video: Any = None) -> dict[str, Any]:
 def reused_record(stats: dict[str, Any], video: Any = None) -> dict[str, Any]:
     """The ``reused`` object: what this answer did not compute again (docs/json-schema.md).
 
-    ``compression``: the outer stage's result came from an earlier answer; ``video``: the prepared video
-    (frames, vision features) came from memory or the video cache; ``prefix_kv_tokens``: prompt positions
-    whose KV came from an earlier question; ``vision_s_saved``: with ``video``, the vision time of the first
-    preparation, which this answer did not spend (null otherwise).
+    ``compression``, ``video``, ``prefix_kv_tokens`` come from the pipeline's statistics; ``video_source``
+    (``"memory"`` or ``"cache"``, null when the video was not reused) and ``vision_s_saved`` (the vision
+    time of the video's first preparation in this process, which this answer did not spend; null when not
+    known, e.g. for an entry of the video cache) from the PreparedVideo ``video``.
     """
     reused = dict(stats.get("reused") or {})
     out: dict[str, Any] = {
@@ -94,8 +94,11 @@ def reused_record(stats: dict[str, Any], video: Any = None) -> dict[str, Any]:
         "prefix_kv_tokens": int(reused.pop("prefix_kv_tokens", 0) or 0),
         **reused,
     }
-    first = getattr(video, "vision_s", None)  # the PreparedVideo: its vision time when first prepared
-    out["vision_s_saved"] = float(first) if out["video"] and first is not None else None
+    source = getattr(video, "source", None)
+    out["video_source"] = ("cache" if source == "cache" else "memory") if out["video"] else None
+    first = getattr(video, "vision_s", None)
+    saved = out["video_source"] == "memory" and first is not None
+    out["vision_s_saved"] = float(first) if saved else None
     return out
 
 
@@ -490,19 +493,24 @@ def print_report(record: dict[str, Any], console: Console, verbose: bool = False
 def reused_text(record: dict[str, Any], short: bool = False) -> str:
     """What the answer took from earlier work and what that saved, from ``record["reused"]``; "" if nothing.
 
-    ``the prepared video (vision tower not run: 2.31 s saved) · KV of 812 prompt positions from an earlier
-    question (prefill ran on 20 of 832) · compression``; ``short``: ``video, 812 KV, compression``.
+    ``the prepared video from memory (vision tower not run: 2.31 s saved) · KV of 812 prompt positions from
+    an earlier question (prefill ran on 20 of 832) · ...``; ``short``: ``video (memory), 812 KV, ...``.
     """
     reused = record.get("reused") or {}
     parts = []
     if reused.get("video"):
+        source = reused.get("video_source") or "memory"
         saved = reused.get("vision_s_saved")
         if short:
-            parts.append("video")
+            parts.append(f"video ({source})")
+        elif source == "cache":
+            read = (record.get("timings") or {}).get("vision_s")
+            took = f"; read in {_fmt_s(read)}" if read is not None else ""
+            parts.append(f"the prepared video from the video cache (vision tower not run{took})")
         elif saved is not None:
-            parts.append(f"the prepared video (vision tower not run: {_fmt_s(saved)} saved)")
+            parts.append(f"the prepared video from memory (vision tower not run: {_fmt_s(saved)} saved)")
         else:
-            parts.append("the prepared video (vision tower not run)")
+            parts.append("the prepared video from memory (vision tower not run)")
     kv = reused.get("prefix_kv_tokens") or 0
     if kv:
         if short:
