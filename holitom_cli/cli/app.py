@@ -67,9 +67,10 @@ def _root(
 
 
 def _register() -> None:
-    from holitom_cli.cli import ask, batch, cache_cmd, commands, inspect_cmd
+    from holitom_cli.cli import ask, batch, cache_cmd, chat, commands, inspect_cmd
 
     app.command("ask", no_args_is_help=True, cls=_HolitomCommand)(ask.ask_command)
+    app.command("chat", no_args_is_help=True, cls=_HolitomCommand)(chat.chat_command)
     app.command("batch", no_args_is_help=True, cls=_HolitomCommand)(batch.batch_command)
     app.command("inspect", no_args_is_help=True, cls=_HolitomCommand)(inspect_cmd.inspect_command)
     app.command("presets")(commands.presets_command)
