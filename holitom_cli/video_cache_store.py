@@ -7,10 +7,12 @@ Processes may share the folder: a file vanishing under a reader or an eviction i
 
 An entry, ``<key digest>.hvc``::
 
-    MAGIC (20 bytes) | manifest length (8 bytes, little endian) | manifest (UTF-8 JSON) | payload
+    MAGIC (20 bytes) | manifest length (8 bytes, little endian) | manifest BLAKE2b (32 bytes)
+    | manifest (UTF-8 JSON) | payload
 
 The payload is a safetensors file holding every tensor of the prepared video (features, saliency, suffix,
-aligned and layout tensors); the manifest holds the cache key, the payload's size and BLAKE2b checksum, each
+aligned and layout tensors); the manifest (checksummed itself) holds the cache key, the payload's size and
+BLAKE2b checksum, each
 tensor's dtype and shape, and the rest of the prepared video as plain JSON (grid, unit times, frame indices,
 the video's metadata, ...). Reading never runs code from the file: JSON and safetensors only, no pickle.
 Anything that does not check out (magic, lengths, JSON, key, checksum, tensor names, dtypes, shapes) raises
@@ -54,6 +56,8 @@ STALE_TEMP_S = 3600  # a temp file this old belongs to a writer that died: evict
 FORMAT_VERSION = 1
 MAGIC = b"HOLITOM-VIDEO-CACHE\n"
 _LENGTH = struct.Struct("<Q")
+_DIGEST = 32  # bytes of a BLAKE2b digest
+_HEAD = len(MAGIC) + _LENGTH.size + _DIGEST
 #: A manifest is a few KB (unit times, frame indices); anything larger is not one of ours.
 MAX_MANIFEST_BYTES = 16 * 1024 * 1024
 
@@ -75,7 +79,7 @@ def key_digest(key: dict[str, Any]) -> str:
 
 
 def payload_digest(data: bytes) -> str:
-    return hashlib.blake2b(data, digest_size=32).hexdigest()
+    return hashlib.blake2b(data, digest_size=_DIGEST).hexdigest()
 
 
 # ----------------------------------------------------------------------------------------------- values
@@ -145,8 +149,14 @@ def encode_entry(key: dict[str, Any], tokens: Any, clip: dict[str, Any], info: d
         "clip": clip,
         "info": info,
     }
+    return assemble(manifest, payload)
+
+
+def assemble(manifest: dict[str, Any], payload: bytes) -> bytes:
+    """The bytes of an entry file: the header, the manifest and its checksum, the payload."""
     text = json.dumps(manifest, sort_keys=True, allow_nan=False).encode("utf-8")
-    return MAGIC + _LENGTH.pack(len(text)) + text + payload
+    digest = hashlib.blake2b(text, digest_size=_DIGEST).digest()
+    return MAGIC + _LENGTH.pack(len(text)) + digest + text + payload
 
 
 # ----------------------------------------------------------------------------------------------- read
@@ -154,15 +164,17 @@ def encode_entry(key: dict[str, Any], tokens: Any, clip: dict[str, Any], info: d
 
 def read_manifest(handle: BinaryIO, file_size: int) -> dict[str, Any]:
     """The manifest at the start of an open entry file (the payload is not read)."""
-    head = handle.read(len(MAGIC) + _LENGTH.size)
-    if len(head) < len(MAGIC) + _LENGTH.size or not head.startswith(MAGIC):
+    head = handle.read(_HEAD)
+    if len(head) < _HEAD or not head.startswith(MAGIC):
         raise EntryError("not a holitom video-cache file")
-    (length,) = _LENGTH.unpack(head[len(MAGIC) :])
-    if length > MAX_MANIFEST_BYTES or len(head) + length > file_size:
+    (length,) = _LENGTH.unpack(head[len(MAGIC) : len(MAGIC) + _LENGTH.size])
+    if length > MAX_MANIFEST_BYTES or _HEAD + length > file_size:
         raise EntryError("the manifest is truncated or too large")
     text = handle.read(length)
     if len(text) != length:
         raise EntryError("the manifest is truncated")
+    if hashlib.blake2b(text, digest_size=_DIGEST).digest() != head[-_DIGEST:]:
+        raise EntryError("the manifest does not match its checksum")
     try:
         manifest = json.loads(text.decode("utf-8"))
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
@@ -365,7 +377,7 @@ class VideoCache:
         return removed
 
     def clear(self) -> tuple[int, int]:
-        """Remove every entry (only our entry files and stale temp files): (entries, bytes) removed."""
+        """Remove every entry (our entry files only, nothing else in the folder): (entries, bytes) removed."""
         self.check_ours()
         count = size = 0
         for entry in self.entries():
@@ -380,7 +392,7 @@ class VideoCache:
                 _remove(path)
         except OSError:
             pass
-        reason = str(exc) or type(exc).__name__
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         self.warn(f"dropped a damaged video cache entry ({reason}); preparing the video again")
 
 
