@@ -504,8 +504,8 @@ def reused_text(record: dict[str, Any], short: bool = False) -> str:
         if short:
             parts.append(f"video ({source})")
         elif source == "cache":
-            read = (record.get("timings") or {}).get("vision_s")
-            took = f"; read in {_fmt_s(read)}" if read is not None else ""
+            read = (record.get("timings") or {}).get("vision_s")  # 0 once the entry is in memory
+            took = f"; read in {_fmt_s(read)}" if read else ""
             parts.append(f"the prepared video from the video cache (vision tower not run{took})")
         elif saved is not None:
             parts.append(f"the prepared video from memory (vision tower not run: {_fmt_s(saved)} saved)")

@@ -198,8 +198,8 @@ def check_command_inputs(params: Mapping[str, Any]) -> None:
         if "question" not in key:
             continue
         values = value if isinstance(value, list | tuple) else [value]
-        for text in values:
-            check_question_text(text)
+        for i, text in enumerate(values):  # several: named by number, as ``ask`` names them
+            check_question_text(text, "the question" if len(values) == 1 else f"question {i + 1}")
     n = params.get("max_new_tokens")
     if isinstance(n, int) and not isinstance(n, bool) and n > MAX_NEW_TOKENS:
         raise ConfigError(
