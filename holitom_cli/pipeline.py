@@ -112,6 +112,7 @@ class PreparedVideo:
     source: str = "vision"  # "vision": this process ran the vision tower; "cache": read from the video cache
     answers: int = 0  # questions answered about it so far (later ones reuse it: ``reused.video``)
     _compressed: dict[tuple, tuple[Any, float]] = field(default_factory=dict, repr=False)
+    _prefix: Any = field(default=None, repr=False)  # the language model's prefix states (PrefixStore)
 
     @property
     def features(self) -> Any:
@@ -210,10 +211,16 @@ def _sync(device: Any) -> None:
 
 
 class Pipeline:
-    """A loaded video LLM and the HoliTom stages around it."""
+    """A loaded video LLM and the HoliTom stages around it.
 
-    def __init__(self, model: Any) -> None:
+    ``reuse_prefix``: later questions about a PreparedVideo reuse the language model's KV of the prompt
+    prefix they share with an earlier one (layers below the inner layer K; every layer without the inner
+    stage), see holitom_cli.models.prefix_reuse. Answers are those of a cold run.
+    """
+
+    def __init__(self, model: Any, reuse_prefix: bool = True) -> None:
         self.model = model  # a holitom_cli.models.base.VideoAdapter (any family)
+        self.reuse_prefix = reuse_prefix
 
     @classmethod
     def load(
@@ -328,10 +335,13 @@ class Pipeline:
         cfg: Any = None,
         options: GenerationOptions | None = None,
         on_text: Any = None,
+        history: Any = (),
     ) -> Answer:
         """Answer ``question`` about a prepared video; ``cfg`` a HoliTomConfig, or None for no compression.
 
-        ``on_text(piece)`` receives the answer's text as it is generated.
+        ``on_text(piece)`` receives the answer's text as it is generated. ``history``: earlier (question,
+        answer) turns of a conversation about this video, put in the prompt before ``question``; empty (the
+        default) asks independently of any earlier answer.
         """
         import torch
 
@@ -346,7 +356,8 @@ class Pipeline:
         if getattr(self.model.device, "type", None) == "cuda":  # per answer; the vision peak is added below
             torch.cuda.reset_peak_memory_stats(self.model.device)
         llm_start = time.perf_counter()
-        inputs = self.model.build_prompt(question, outer.span)
+        history = tuple((str(q), str(a)) for q, a in history)
+        inputs = self.model.build_prompt(question, outer.span, history)
         self._check_context(inputs, options)
         if options.seed is not None:
             torch.manual_seed(options.seed)
@@ -359,12 +370,26 @@ class Pipeline:
             on_text=on_text,
             inner_layer=inner_layer,
             inner_prune_ratio=cfg.inner_prune_ratio if cfg is not None else 0.0,
+            reuse=self._reuse(video, cfg, inner_layer),
         )
         end = time.perf_counter()
         stats = self._stats(video, cfg, options, outer, inner_layer, result, llm_start, end)
+        video.answers += 1
         return Answer(result.text, stats, list(result.token_ids), outer.compression)
 
     # ------------------------------------------------------------------------------------------- steps
+
+    def _reuse(self, video: PreparedVideo, cfg: Any, inner_layer: int | None) -> Any:
+        """Where this answer finds and leaves its prompt prefix's state (None when reuse is off)."""
+        if not self.reuse_prefix:
+            return None
+        from holitom_cli.models.base import PrefixReuse
+        from holitom_cli.models.prefix_reuse import PrefixStore
+
+        if video._prefix is None:
+            video._prefix = PrefixStore()
+        outer = _outer_key(cfg) if cfg is not None else None
+        return PrefixReuse(video._prefix, (outer, inner_layer))
 
     def _outer(self, video: PreparedVideo, cfg: Any) -> _Outer:
         """The visual span that goes into the prompt: every token, or HoliTom's outer stage's output."""
@@ -404,22 +429,27 @@ class Pipeline:
             after_inner=inner.visual_after if inner is not None else into_llm,
         )
         flops = self._flops(video, result.prompt_tokens - into_llm, tokens, inner, cfg, outer.compression)
-        # Every part is a measured span; ttft and total are their sums (docs/pipeline.md), so
-        # total_s = decode_video_s + ttft_s + generation_s >= ttft_s always, for a reused video too.
+        # Every part is a measured span of work done for THIS answer; ttft and total are their sums
+        # (docs/pipeline.md), so total_s = decode_video_s + ttft_s + generation_s >= ttft_s always. The first
+        # answer about a prepared video counts its decoding and vision tower (for a video from the cache: the
+        # time the cache took); later answers reuse them and count 0, and a reused compression counts 0.
+        first = video.answers == 0
+        decode_s, vision_s = (video.decode_s, video.vision_s) if first else (0.0, 0.0)
+        compress_s = 0.0 if outer.reused else outer.seconds
         prompt_s = result.started_at - llm_start  # span, prompt tokens and positions, context check
         first_token_at = result.started_at + result.prefill_s
         generation_s = max(end - first_token_at, 0.0)  # the rest of the answer, after the first token
-        ttft_s = video.vision_s + outer.seconds + prompt_s + result.prefill_s
+        ttft_s = vision_s + compress_s + prompt_s + result.prefill_s
         timings = TimingStats(
-            decode_video_s=video.decode_s,
-            vision_s=video.vision_s,
-            compress_s=outer.seconds,
+            decode_video_s=decode_s,
+            vision_s=vision_s,
+            compress_s=compress_s,
             prompt_s=prompt_s,
             prefill_s=result.prefill_s,
             ttft_s=ttft_s,
             generation_s=generation_s,
             decode_tokens_per_s=result.decode_tokens_per_s,
-            total_s=video.decode_s + ttft_s + generation_s,
+            total_s=decode_s + ttft_s + generation_s,
         )
         return AnswerStats(
             tokens=tokens,
@@ -430,7 +460,11 @@ class Pipeline:
             new_tokens=result.new_tokens,
             prompt_tokens=result.prompt_tokens,
             inner=inner,
-            reused={"compression": outer.reused},
+            reused={
+                "compression": outer.reused,
+                "video": video.source == "cache" or not first,
+                "prefix_kv_tokens": int(result.prefix_kv_tokens),
+            },
             model=self.model.describe(),
             video=video_stats(video),
             holitom=cfg.to_dict() if cfg is not None else None,

@@ -115,7 +115,7 @@ class AnswerStats:
     new_tokens: int
     prompt_tokens: int
     inner: InnerStats | None = None
-    reused: dict[str, bool] = field(default_factory=dict)
+    reused: dict[str, Any] = field(default_factory=dict)
     model: dict[str, Any] = field(default_factory=dict)
     video: dict[str, Any] = field(default_factory=dict)
     holitom: dict[str, Any] | None = None

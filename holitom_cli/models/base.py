@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import abc
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -186,6 +187,7 @@ class GenerationResult:
     kv_lengths: list[int]  # per decoder layer, at the end of generation
     inner_stats: Any = None  # InnerMergeStats from the inner stage, or None
     extra: dict = field(default_factory=dict)
+    prefix_kv_tokens: int = 0  # prompt positions whose KV came from an earlier prompt (prefix reuse)
 
     @property
     def new_tokens(self) -> int:
@@ -285,6 +287,26 @@ class Streamer:
             self.on_text(new)
 
 
+#: One earlier turn of a conversation: (question, answer).
+Turn = tuple[str, str]
+
+
+def conversation(question: str, history: Sequence[Turn], first: Callable[[str], Any]) -> list[dict[str, Any]]:
+    """Chat messages for ``question`` after the earlier ``history`` turns: the video sits in the first user
+    turn (``first(text)`` builds that turn's content), every later turn is plain text.
+
+    Without history this is the single user message every adapter used before; with it the prompt up to the
+    end of the video is the same as the first question's, so the language model's prefix can be reused.
+    """
+    turns = [*((str(q), str(a)) for q, a in history), (question, None)]
+    messages: list[dict[str, Any]] = []
+    for i, (q, a) in enumerate(turns):
+        messages.append({"role": "user", "content": first(q) if i == 0 else q})
+        if a is not None:
+            messages.append({"role": "assistant", "content": a})
+    return messages
+
+
 def cache_size(cache: Any) -> tuple[int, list[int]]:
     """(bytes held by keys and values, per-layer cached length) of a transformers cache (0, [] when None)."""
     if cache is None:
@@ -313,6 +335,23 @@ def sampling_kwargs(temperature: float, top_p: float | None) -> dict[str, Any]:
     return {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
 
 
+@dataclass(frozen=True)
+class PrefixReuse:
+    """Where an answer may find, and leaves, its prompt prefix's state: a ``PrefixStore`` (one per prepared
+    video) and the key of this answer's visual span setting and inner layer."""
+
+    store: Any
+    key: tuple
+
+
+def visual_end(inputs: PromptInputs) -> int:
+    """One past the prompt position of the last visual token."""
+    positions = inputs.extra.get("visual_positions")
+    if positions is not None:
+        return int(torch.as_tensor(positions).max()) + 1
+    return int(inputs.visual_start) + int(inputs.visual_len)
+
+
 def run_generation(
     adapter: VideoAdapter,
     kwargs: dict[str, Any],
@@ -324,15 +363,19 @@ def run_generation(
     on_text: Any,
     inner_layer: int | None,
     inner_prune_ratio: float,
+    reuse: PrefixReuse | None = None,
 ) -> GenerationResult:
     """``adapter.model.generate(**kwargs, ...)`` with a streamer, the sampling settings and, with
     ``inner_layer`` set, HoliTom's inner stage armed on ``inputs``' visual span (removed afterwards).
 
-    ``kwargs`` holds the family's model inputs (ids, mask, embeddings, positions). Raises ModelError when the
-    inner stage was armed but did not run (a transformers version that calls the layers differently).
+    ``kwargs`` holds the family's model inputs (ids, mask, embeddings, positions). With ``reuse``, a prompt
+    that starts like the one whose state is stored runs only its remaining tokens (the family's
+    ``VISUAL_INPUTS`` dropped: the video lies in the reused part), and a prompt that cannot reuse one stores
+    its own (see holitom_cli.models.prefix_reuse). Raises ModelError when the inner stage was armed but did
+    not run (a transformers version that calls the layers differently).
     """
     from holitom_cli.errors import ModelError
-    from holitom_cli.models.compat import output_cache
+    from holitom_cli.models.compat import cache_keyword, output_cache, prefilled_cache
 
     streamer = Streamer(adapter.tokenizer, on_text)
     model = adapter.model
@@ -357,6 +400,18 @@ def run_generation(
             handle.arm(inputs.visual_start, inputs.visual_len)
         else:
             handle.arm_positions(torch.sort(torch.as_tensor(positions)).values)
+    found = None
+    if reuse is not None:
+        found = reuse.store.lookup(reuse.key, inputs.input_ids[0], visual_end(inputs))
+    if found is not None:  # a warm prompt: its first P positions' KV (layers < K, or all) come from the store
+        state, reused = found
+        kwargs = {k: v for k, v in kwargs.items() if k not in adapter.VISUAL_INPUTS}
+        prefix_kv = [(k[:, :, :reused], v[:, :, :reused]) for k, v in state.kv]
+        kwargs[cache_keyword(model)] = prefilled_cache(model.config, prefix_kv)
+        if handle is not None:
+            handle.use_prefix(state, reused)
+    elif reuse is not None and handle is not None:
+        handle.capture()
     try:
         sync(adapter.device)
         start = time.perf_counter()
@@ -376,8 +431,11 @@ def run_generation(
             'install a tested one (pip install "transformers>=5.20,<6"), or use --no-inner',
         )
     times = streamer.times or [end]
-    kv_bytes, kv_lengths = cache_size(output_cache(out))
-    del out
+    cache = output_cache(out)
+    kv_bytes, kv_lengths = cache_size(cache)
+    if reuse is not None and found is None:
+        _save_prefix(adapter, reuse, inputs, cache, handle, inner_layer)
+    del out, cache
     return GenerationResult(
         text=streamer.text(),
         token_ids=list(streamer.ids),
@@ -388,7 +446,34 @@ def run_generation(
         kv_cache_bytes=kv_bytes,
         kv_lengths=kv_lengths,
         inner_stats=inner_stats,
+        prefix_kv_tokens=found[1] if found is not None else 0,
     )
+
+
+def _save_prefix(
+    adapter: VideoAdapter,
+    reuse: PrefixReuse,
+    inputs: PromptInputs,
+    cache: Any,
+    handle: Any,
+    layer: int | None,
+) -> None:
+    """Store what this cold prompt leaves for later prompts that start like it (nothing if incomplete)."""
+    from holitom_cli.models.compat import cache_prefix
+    from holitom_cli.models.prefix_reuse import PrefixState
+
+    n = int(inputs.input_ids.shape[1])
+    kv = cache_prefix(cache, layer if layer is not None else adapter.num_layers, n)
+    if not kv:
+        return
+    state = PrefixState(ids=inputs.input_ids[0].detach().clone(), kv=kv, visual_end=visual_end(inputs))
+    if handle is not None:
+        captured = handle.captured or {}
+        if any(captured.get(k) is None for k in ("hidden_in", "hidden_out", "rope")):
+            return  # the hooks did not see this prefill whole: store nothing rather than half a state
+        state.hidden_in, state.hidden_out = captured["hidden_in"], captured["hidden_out"]
+        state.rope, state.position_ids = captured["rope"], captured.get("position_ids")
+    reuse.store.save(reuse.key, state)
 
 
 def load_pretrained(
@@ -448,6 +533,8 @@ class VideoAdapter(abc.ABC):
     DISPLAY_NAME: str = ""
     DEFAULT_CHECKPOINTS: tuple[str, ...] = ()
     QUANTIZATION_SKIP: tuple[str, ...] = ()
+    #: ``generate`` inputs that carry the visual embeddings, dropped when the video lies in a reused prefix.
+    VISUAL_INPUTS: tuple[str, ...] = ()
 
     model: Any
     tokenizer: Any
@@ -499,7 +586,9 @@ class VideoAdapter(abc.ABC):
     def encode_video(self, pixels: Any, on_progress: Any = None) -> VisualTokens: ...
 
     @abc.abstractmethod
-    def build_prompt(self, question: str, span: VisualSpan) -> PromptInputs: ...
+    def build_prompt(self, question: str, span: VisualSpan, history: Sequence[Turn] = ()) -> PromptInputs:
+        """The prompt for ``question`` with ``span`` in the first user turn; ``history`` holds earlier
+        (question, answer) turns of a conversation (see :func:`conversation`)."""
 
     @abc.abstractmethod
     def generate(
@@ -513,4 +602,6 @@ class VideoAdapter(abc.ABC):
         on_text: Any = None,
         inner_layer: int | None = None,
         inner_prune_ratio: float = 0.5,
-    ) -> GenerationResult: ...
+        reuse: PrefixReuse | None = None,
+    ) -> GenerationResult:
+        """Generate the answer; ``reuse``: where to find and leave the prompt prefix's state."""

@@ -11,6 +11,8 @@ What is touched, and where:
 * :func:`layer_cache`: the cache object among a decoder layer's call kwargs (the inner-stage hooks).
 * :func:`cache_keyword`: which keyword a layer or model takes the cache under (checked once per attach).
 * :func:`output_cache`: the cache in a ``generate``/``forward`` output, without deprecation warnings.
+* :func:`cache_prefix` / :func:`prefilled_cache`: read the first positions of a ``DynamicCache``'s layers,
+  and build a ``DynamicCache`` holding given keys and values in its first layers (prefix reuse).
 * :func:`video_features`: LLaVA-OneVision's ``get_video_features``, and the shape of what it returns.
 * :func:`qwen_video_features`: Qwen2.5-VL's ``get_video_features`` (merged tokens in raster order).
 * :func:`vision_window_index`: Qwen2.5-VL's window order of merged cells inside its vision encoder.
@@ -35,11 +37,13 @@ __all__ = [
     "CACHE_KEYWORDS",
     "TESTED_MIN",
     "cache_keyword",
+    "cache_prefix",
     "check_transformers_version",
     "deepstack_video_features",
     "layer_cache",
     "model_class",
     "output_cache",
+    "prefilled_cache",
     "qwen_video_features",
     "rope_index",
     "transformers_version",
@@ -127,6 +131,41 @@ def output_cache(output: Any) -> Any:
         if name in fields:
             return getattr(output, name, None)
     return None
+
+
+def cache_prefix(cache: Any, layers: int, length: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Copies of the first ``length`` positions' (keys, values), each (B, KV, length, d), of layers
+    0..layers-1 of a ``DynamicCache``; [] when the cache does not hold them in that layout."""
+    held = list(getattr(cache, "layers", None) or [])[:layers]
+    out = []
+    for layer in held:
+        keys, values = getattr(layer, "keys", None), getattr(layer, "values", None)
+        if (
+            not isinstance(keys, torch.Tensor)
+            or not isinstance(values, torch.Tensor)
+            or keys.dim() != 4
+            or keys.shape[-2] < length
+        ):
+            return []
+        out.append((keys[:, :, :length].clone(), values[:, :, :length].clone()))
+    return out if len(out) == layers else []
+
+
+def prefilled_cache(config: Any, kv: list[tuple[torch.Tensor, torch.Tensor]]) -> Any:
+    """A ``DynamicCache`` for a model of ``config`` whose layers 0..len(kv)-1 hold ``kv`` and whose other
+    layers are empty (the inner stage fills those from its merged sequence). ``kv`` is not modified: the cache
+    appends to new tensors."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=config)
+    for i, (keys, values) in enumerate(kv):
+        cache.update(keys, values, i)
+    if int(cache.get_seq_length(0)) != (int(kv[0][0].shape[-2]) if kv else 0):
+        raise ModelError(
+            "a prefilled DynamicCache does not report the length it was given",
+            hint=_UPGRADE_HINT,
+        )
+    return cache
 
 
 def _video_pixels_keyword(method: Any) -> str:

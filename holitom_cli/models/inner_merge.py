@@ -22,6 +22,10 @@ Usage (batch size 1)::
     handle.arm_positions(positions)         # or: visual tokens at these ascending prompt positions (visual
                                             # tokens interleaved with text, e.g. Qwen3-VL's timestamps)
     model.generate(...)                     # or a forward with use_cache=True, then decode steps
+    handle.capture()                        # optional: keep what a later prompt with the same start reuses
+    handle.captured                         # {hidden_in, hidden_out, rope, position_ids} of that prefill
+    handle.use_prefix(state, P)             # optional: the next prefill runs only tokens >= P (the cache
+                                            # holds layers < K of [0, P)), see holitom_cli.models.prefix_reuse
     handle.stats                            # InnerMergeStats of the last merging prefill, or None
     handle.scores, handle.kept_index        # (M,) scores and (M',) kept span positions of that prefill
     handle.remove()                         # the model then behaves exactly as before
@@ -41,6 +45,12 @@ layer modules of this one decoder, plus one forward hook on the last layer that 
   ``position_ids`` and the rows/columns of a 4-D mask (eager) are gathered, so layers K..L-1 run on the
   shortened sequence with the kept tokens at their ORIGINAL RoPE positions.
 * layers > K: the same shortened kwargs are swapped in.
+* a prefill after ``use_prefix(state, P)`` (prefix reuse): the cache holds layers 0..K-1 of positions
+  [0, P) and the forward runs only positions [P, n). At layer K-1 the scores are computed over the whole
+  prompt from ``state``'s stored layer K-1 input of [0, P) and its rotary embeddings, joined to this pass's
+  rows; at layer K the stored output of layer K-1 for [0, P) is joined likewise, and the merge, the gathers
+  and layers K.. run on the whole prompt exactly as in a cold prefill (layers >= K start from an empty cache;
+  their mask is the full causal one: None under SDPA as in a cold prefill, an explicit one under eager).
 * decode steps: layers >= K hold a shorter ``DynamicCache`` entry. Positions of new tokens come from the
   2-D attention mask (generate) or from layer 0's cache length (plain forward), i.e. stay absolute. A 4-D
   mask (eager, or SDPA with padding) is sized from layer 0's cache length; for layers >= K its columns are
@@ -159,6 +169,9 @@ class InnerMergeHandle:
         self._swap_len: int | None = None
         self._record: _Record | None = None
         self._fill_kv_lengths = False
+        self._capture = False
+        self.captured: dict[str, Any] | None = None  # what the last captured prefill left (see capture())
+        self._prefix: tuple[Any, int] | None = None  # (PrefixState, P) for the next prefill
         layers = decoder.layers
         self._hooks = [
             layers[layer - 1].register_forward_pre_hook(self._score_hook, with_kwargs=True),
@@ -200,8 +213,27 @@ class InnerMergeHandle:
         self._span = index
 
     def disarm(self) -> None:
-        """Forget an armed span that has not been used yet."""
+        """Forget an armed span (and a prefix) that has not been used yet."""
         self._span = None
+        self._prefix = None
+
+    def capture(self) -> None:
+        """Let the next merging prefill keep, in ``captured``, the inputs of layers K-1 and K (1, n, C) and
+        the rotary embeddings and position ids of the whole prompt: what ``use_prefix`` needs later."""
+        self._capture = True
+        self.captured = None
+
+    def use_prefix(self, state: Any, length: int) -> None:
+        """The next armed prefill runs positions [length, n) only, its cache holding layers 0..K-1 of
+        [0, length): ``state`` (a ``PrefixState`` saved from a prompt with the same first ``length`` tokens)
+        supplies the rest. The armed visual positions must all be < ``length``."""
+        if state.hidden_in is None or state.hidden_out is None or state.rope is None:
+            raise ModelError("this prefix state was saved without the inner stage's hidden states")
+        if not 1 <= int(length) <= int(state.hidden_in.shape[1]):
+            raise ConfigError(
+                f"prefix length {length} outside the saved prompt of {state.hidden_in.shape[1]}"
+            )
+        self._prefix = (state, int(length))
 
     @property
     def armed(self) -> bool:
@@ -212,7 +244,7 @@ class InnerMergeHandle:
         for hook in self._hooks:
             hook.remove()
         self._hooks = []
-        self._span = self._pending = self._swap = self._record = None
+        self._span = self._pending = self._swap = self._record = self._prefix = None
         _ACTIVE.discard(self.decoder)
 
     def __enter__(self) -> InnerMergeHandle:
@@ -230,9 +262,15 @@ class InnerMergeHandle:
             return None
         _check_batch(hidden)
         positions = self._span
-        self._span = None  # one prefill consumes the armed span
+        prefix, self._prefix = self._prefix, None
+        self._span = None  # one prefill consumes the armed span (and the prefix)
+        reused = prefix[1] if prefix is not None else 0
+        if prefix is not None:  # the whole prompt's layer K-1 input and rotary embeddings: stored + this pass
+            state, _ = prefix
+            hidden = torch.cat([state.hidden_in[:, :reused].to(hidden.dtype), hidden], dim=1)
+            kwargs = {**kwargs, **_joined_positions(kwargs, state, reused, hidden.shape[1])}
         n = hidden.shape[1]
-        if int(positions[-1]) >= n:
+        if int(positions[-1]) >= n or (prefix is not None and int(positions[-1]) >= reused):
             start, end = int(positions[0]), int(positions[-1]) + 1
             raise ModelError(
                 f"visual span [{start}, {end}) lies outside the prompt of {n} tokens",
@@ -245,17 +283,26 @@ class InnerMergeHandle:
                     "the inner merge needs a DynamicCache (layers >= K hold fewer tokens)",
                     hint="do not use a static or compiled cache together with the inner merge",
                 )
-            if cache.get_seq_length(self.layer - 1) != 0:
+            if cache.get_seq_length(self.layer - 1) != reused or cache.get_seq_length(self.layer) != 0:
                 raise ModelError(
                     "the inner merge needs the whole prompt in one prefill (the cache was not empty)",
                     hint="start from an empty cache when the inner merge is armed",
                 )
+        elif prefix is not None:
+            raise ModelError("a reused prefix needs the cache that holds it")
         # Deliberate difference from the reference: it asks layer K-1 for attention weights, which under SDPA
         # falls back to eager attention WITHOUT the causal mask, so its layer K-1 runs bidirectionally in
         # prefill. Here the layer runs untouched (causal); only the last query's row is recomputed aside.
+        if self._capture:
+            rope = _rope_pair(kwargs, n)
+            self.captured = {
+                "hidden_in": hidden.detach(),
+                "rope": rope,
+                "position_ids": kwargs.get("position_ids"),
+            }
         scores = _last_query_attention(module, hidden, kwargs, self.recipe.qk_norm)  # (n,)
         positions = positions.to(scores.device)
-        self._pending = (scores.index_select(0, positions), positions, n)
+        self._pending = (scores.index_select(0, positions), positions, n, prefix)
         return None
 
     def _merge_hook(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
@@ -264,8 +311,15 @@ class InnerMergeHandle:
         self._fill_kv_lengths = False
         hidden = _hidden_from(args, kwargs)  # (B, n, C): output of layer K-1
         pending, self._pending = self._pending, None
+        if pending is not None and pending[3] is not None:  # a reused prefix: join its layer K-1 output
+            state, reused = pending[3]
+            if hidden.shape[1] + reused == pending[2]:
+                hidden = torch.cat([state.hidden_out[:, :reused].to(hidden.dtype), hidden], dim=1)
+                kwargs = {**kwargs, **_joined_positions(kwargs, state, reused, pending[2])}
+                kwargs["attention_mask"] = _full_causal_mask(kwargs.get("attention_mask"), pending[2], self)
+                return self._merge(args, kwargs, hidden, *pending[:3], whole=True)
         if pending is not None and hidden.shape[1] == pending[2]:
-            return self._merge(args, kwargs, hidden, *pending)
+            return self._merge(args, kwargs, hidden, *pending[:3])
         mask = kwargs.get("attention_mask")
         if isinstance(mask, torch.Tensor) and mask.dim() == 4:
             new_mask = self._decode_mask(mask, hidden.shape[1], layer_cache(kwargs))
@@ -301,8 +355,15 @@ class InnerMergeHandle:
         scores: torch.Tensor,
         positions: torch.Tensor,
         n: int,
+        whole: bool = False,
     ) -> tuple[tuple, dict] | None:
+        """Merge at layer K. ``whole``: ``hidden`` and ``kwargs`` cover the whole prompt although this pass
+        ran fewer tokens (a reused prefix), so layers >= K must get them even when nothing is removed."""
         _check_batch(hidden)
+        if self._capture:
+            self._capture = False
+            if self.captured is not None:
+                self.captured["hidden_out"] = hidden.detach()
         device = hidden.device
         positions = positions.to(device)
         num = int(positions.numel())
@@ -313,7 +374,7 @@ class InnerMergeHandle:
         self.stats = InnerMergeStats(visual_before=num, visual_after=keep)
         self.scores, self.kept_index = scores.detach(), kept.detach()
         self._fill_kv_lengths = True
-        if keep == num:  # nothing removed: leave every tensor untouched (bit-exact with the plain model)
+        if keep == num and not whole:  # nothing removed: leave every tensor untouched (bit-exact)
             self._record = None
             return None
         kept_pos = positions.index_select(0, kept.to(device))  # (k,) prompt positions of the kept tokens
@@ -322,7 +383,8 @@ class InnerMergeHandle:
         keep_mask[kept_pos] = True  # True = kept at layers >= K (text and the kept visual tokens)
         keep_full = torch.nonzero_static(keep_mask, size=n - num + keep).squeeze(1)  # (n',) ascending, kept
         new_hidden = hidden[0].index_select(0, keep_full)  # (n', C)
-        new_hidden[torch.searchsorted(keep_full, kept_pos)] = merged.to(new_hidden.dtype)
+        if keep < num:  # (a whole prompt with nothing removed keeps its rows as they are)
+            new_hidden[torch.searchsorted(keep_full, kept_pos)] = merged.to(new_hidden.dtype)
         new_hidden = new_hidden[None]  # (1, n', C)
         swap: dict[str, Any] = {}
         cos, sin = _rope_pair(kwargs, n)  # (1, n, d) each (M-RoPE: sections already interleaved)
@@ -337,8 +399,12 @@ class InnerMergeHandle:
                 f"unsupported attention mask of type {type(mask).__name__} for the inner merge",
                 hint=f"load the model with attn_implementation in {_SUPPORTED_ATTENTION}",
             )
+        elif whole:  # SDPA: the full causal mask is None, as in a cold prefill; every later layer gets None
+            swap["attention_mask"] = None
         cache = layer_cache(kwargs)
         self._record = _Record(weakref.ref(cache) if cache is not None else None, keep_full, n)
+        if keep == num:
+            self._record = None  # layers >= K hold as many positions as layer 0: decode masks fit as they are
         self._swap, self._swap_len = swap, int(keep_full.numel())
         args, kwargs = _with_hidden(args, kwargs, new_hidden)
         return args, {**kwargs, **swap}
@@ -373,6 +439,41 @@ def _check_batch(hidden: torch.Tensor) -> None:
             f"the inner merge supports batch size 1 only, got a batch of {hidden.shape[0]}",
             hint="ask about one video at a time",
         )
+
+
+def _joined_positions(kwargs: dict, state: Any, reused: int, n: int) -> dict[str, Any]:
+    """``position_embeddings`` (and ``position_ids``) of the whole prompt of n tokens: the stored ones of
+    [0, reused) followed by this pass's ones of [reused, n)."""
+    cos, sin = _rope_pair(kwargs, n - reused)
+    stored_cos, stored_sin = state.rope
+    out: dict[str, Any] = {
+        "position_embeddings": (
+            torch.cat([stored_cos[:, :reused].to(cos.dtype), cos], dim=1),
+            torch.cat([stored_sin[:, :reused].to(sin.dtype), sin], dim=1),
+        )
+    }
+    ids = kwargs.get("position_ids")
+    if ids is not None:
+        if state.position_ids is None:
+            raise ModelError("the reused prefix was saved without the position ids this pass carries")
+        out["position_ids"] = torch.cat([state.position_ids[..., :reused].to(ids.device), ids], dim=-1)
+    return out
+
+
+def _full_causal_mask(mask: Any, n: int, handle: InnerMergeHandle) -> Any:
+    """The mask a cold prefill of n tokens gives every layer, from this pass's (1, 1, q, n) one: None under
+    SDPA (its causal path), else a (1, 1, n, n) causal mask of the same kind (bool, or additive float)."""
+    if mask is None:
+        return None
+    if not isinstance(mask, torch.Tensor) or mask.dim() != 4:
+        raise ModelError(f"unsupported attention mask of type {type(mask).__name__} for a reused prefix")
+    if getattr(handle.decoder.config, "_attn_implementation", None) == "sdpa":
+        return None
+    causal = torch.ones(n, n, dtype=torch.bool, device=mask.device).tril()[None, None]
+    if mask.dtype == torch.bool:
+        return causal
+    full = torch.zeros(1, 1, n, n, dtype=mask.dtype, device=mask.device)
+    return full.masked_fill(~causal, torch.finfo(mask.dtype).min)
 
 
 def _rope_pair(kwargs: dict, n: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,10 +30,12 @@ from holitom_cli.models.base import (
     GenerationResult,
     LanguageDims,
     PromptInputs,
+    Turn,
     VideoAdapter,
     VisualSpan,
     VisualTokens,
     context_of,
+    conversation,
     embeds_dtype,
     load_pretrained,
     run_generation,
@@ -150,6 +153,7 @@ class LlavaOneVision(VideoAdapter):
     DISPLAY_NAME = DISPLAY_NAME
     DEFAULT_CHECKPOINTS = DEFAULT_CHECKPOINTS
     QUANTIZATION_SKIP = QUANTIZATION_SKIP
+    VISUAL_INPUTS = ("mm_encoder_outputs",)  # the visual embeddings among generate's inputs
 
     def __init__(
         self, model: Any, tokenizer: Any, path: Path, name: str, quantize: str | None = None
@@ -274,12 +278,12 @@ class LlavaOneVision(VideoAdapter):
 
     # ------------------------------------------------------------------------------------------- prompt
 
-    def _render(self, question: str) -> str:
-        """Chat-template text with one ``<video>`` placeholder before the question."""
+    def _render(self, question: str, history: Sequence[Turn] = ()) -> str:
+        """Chat-template text with one ``<video>`` placeholder before the (first) question."""
         placeholder = "<video>"
         attempts = [
-            [{"role": "user", "content": f"{placeholder}\n{question}"}],
-            [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": question}]}],
+            conversation(question, history, lambda q: f"{placeholder}\n{q}"),
+            conversation(question, history, lambda q: [{"type": "video"}, {"type": "text", "text": q}]),
         ]
         template = getattr(self.tokenizer, "chat_template", None)
         for messages in attempts if template else []:
@@ -296,7 +300,9 @@ class LlavaOneVision(VideoAdapter):
             messages, tokenize=False, add_generation_prompt=True, chat_template=QWEN_CHAT_TEMPLATE
         )
 
-    def prompt_ids(self, question: str, num_visual: int) -> tuple[torch.Tensor, int]:
+    def prompt_ids(
+        self, question: str, num_visual: int, history: Sequence[Turn] = ()
+    ) -> tuple[torch.Tensor, int]:
         """Token ids (1, L) with ``num_visual`` ``<video>`` tokens, and the index of the first of them."""
         if not isinstance(question, str) or not question.strip():
             raise ConfigError("the question is empty", hint="ask something about the video")
@@ -307,7 +313,9 @@ class LlavaOneVision(VideoAdapter):
                 f"the question contains the special token(s) {', '.join(found)}",
                 hint="remove them: the video is inserted into the prompt automatically",
             )
-        ids = self.tokenizer(self._render(question), add_special_tokens=False)["input_ids"]
+        for turn in history:
+            self._check_turn(turn)
+        ids = self.tokenizer(self._render(question, history), add_special_tokens=False)["input_ids"]
         positions = [i for i, t in enumerate(ids) if t == self.video_token_id]
         if len(positions) != 1:
             raise ModelError(
@@ -321,9 +329,17 @@ class LlavaOneVision(VideoAdapter):
     def text_tokens(self, question: str) -> int:
         return int(self.prompt_ids(question, 0)[0].shape[1])
 
-    def build_prompt(self, question: str, span: VisualSpan) -> PromptInputs:
+    def _check_turn(self, turn: Turn) -> None:
+        """An earlier turn must not contain the video placeholder (it would be taken for the video)."""
+        if any("<video>" in str(text) or "<image>" in str(text) for text in turn):
+            raise ConfigError(
+                "an earlier turn of the conversation contains <video> or <image>",
+                hint="turn conversation history off, or remove the placeholder",
+            )
+
+    def build_prompt(self, question: str, span: VisualSpan, history: Sequence[Turn] = ()) -> PromptInputs:
         """One ``<video>`` token per span embedding (the newline included); default 1-D positions."""
-        input_ids, start = self.prompt_ids(question, len(span))
+        input_ids, start = self.prompt_ids(question, len(span), history)
         return PromptInputs(input_ids=input_ids, visual_start=start, visual_len=len(span))
 
     # ------------------------------------------------------------------------------------------- generation
@@ -340,6 +356,7 @@ class LlavaOneVision(VideoAdapter):
         on_text: Any = None,
         inner_layer: int | None = None,
         inner_prune_ratio: float = 0.5,
+        reuse: Any = None,
     ) -> GenerationResult:
         """Generate an answer from a prompt of :meth:`build_prompt` and the span it was built for.
 
@@ -367,6 +384,7 @@ class LlavaOneVision(VideoAdapter):
             on_text=on_text,
             inner_layer=inner_layer,
             inner_prune_ratio=inner_prune_ratio,
+            reuse=reuse,
         )
 
 

@@ -19,6 +19,7 @@ HoliTom's temporal unit is the temporal patch; saliency: see :mod:`holitom_cli.m
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -30,10 +31,12 @@ from holitom_cli.models.base import (
     GenerationResult,
     LanguageDims,
     PromptInputs,
+    Turn,
     VideoAdapter,
     VisualSpan,
     VisualTokens,
     context_of,
+    conversation,
     embeds_dtype,
     load_pretrained,
     run_generation,
@@ -85,6 +88,7 @@ class Qwen2_5_VL(VideoAdapter):
     DISPLAY_NAME = DISPLAY_NAME
     DEFAULT_CHECKPOINTS = DEFAULT_CHECKPOINTS
     QUANTIZATION_SKIP = QUANTIZATION_SKIP
+    VISUAL_INPUTS = ("mm_encoder_outputs",)  # the visual embeddings among generate's inputs
 
     def __init__(
         self, model: Any, tokenizer: Any, path: Path, name: str, quantize: str | None = None
@@ -181,9 +185,14 @@ class Qwen2_5_VL(VideoAdapter):
 
     # ------------------------------------------------------------------------------------------- prompt
 
-    def _render(self, question: str) -> str:
-        """Chat-template text with one ``<|vision_start|><|video_pad|><|vision_end|>`` before the question."""
-        messages = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": question}]}]
+    def _render(self, question: str, history: Sequence[Turn] = ()) -> str:
+        """Chat-template text with one ``<|vision_start|><|video_pad|><|vision_end|>`` before the (first)
+        question; ``history``: earlier (question, answer) turns."""
+        for turn in history:
+            for text in turn:
+                if str(text).strip():
+                    self._check_question(str(text))  # no special token in an earlier turn either
+        messages = conversation(question, history, lambda q: [{"type": "video"}, {"type": "text", "text": q}])
         if getattr(self.tokenizer, "chat_template", None):
             try:
                 text = self.tokenizer.apply_chat_template(
@@ -217,10 +226,12 @@ class Qwen2_5_VL(VideoAdapter):
         self._check_question(question)
         return len(self.tokenizer(self._render(question), add_special_tokens=False)["input_ids"]) - 1
 
-    def full_prompt(self, question: str, layout: dict[str, Any]) -> tuple[list[int], int, int]:
+    def full_prompt(
+        self, question: str, layout: dict[str, Any], history: Sequence[Turn] = ()
+    ) -> tuple[list[int], int, int]:
         """The uncompressed prompt: (token ids with every video pad, index of the first pad, pad count)."""
         self._check_question(question)
-        ids = self.tokenizer(self._render(question), add_special_tokens=False)["input_ids"]
+        ids = self.tokenizer(self._render(question, history), add_special_tokens=False)["input_ids"]
         pads = [i for i, t in enumerate(ids) if t == self.video_token_id]
         if (
             len(pads) != 1
@@ -238,14 +249,14 @@ class Qwen2_5_VL(VideoAdapter):
         start = pads[0]
         return ids[:start] + [self.video_token_id] * count + ids[start + 1 :], start, count
 
-    def build_prompt(self, question: str, span: VisualSpan) -> PromptInputs:
+    def build_prompt(self, question: str, span: VisualSpan, history: Sequence[Turn] = ()) -> PromptInputs:
         """The prompt with ``len(span)`` video pads; M-RoPE positions as described in the module docstring."""
         layout = span.layout
         if "video_grid_thw" not in layout or "second_per_grid_ts" not in layout:
             raise ValueError(
                 "the span carries no Qwen2.5-VL layout (was it built from encode_video's tokens?)"
             )
-        full, start, count = self.full_prompt(question, layout)
+        full, start, count = self.full_prompt(question, layout, history)
         t, h, w = (int(v) for v in layout["video_grid_thw"][0].tolist())
         rows, cols = h // self.preprocessing.merge_size, w // self.preprocessing.merge_size
         unit, row, col = (x.long().cpu() for x in (span.unit, span.row, span.col))
@@ -290,6 +301,7 @@ class Qwen2_5_VL(VideoAdapter):
         on_text: Any = None,
         inner_layer: int | None = None,
         inner_prune_ratio: float = 0.5,
+        reuse: Any = None,
     ) -> GenerationResult:
         """Generate an answer from a prompt of :meth:`build_prompt` and the span it was built for.
 
@@ -321,6 +333,7 @@ class Qwen2_5_VL(VideoAdapter):
             on_text=on_text,
             inner_layer=inner_layer,
             inner_prune_ratio=inner_prune_ratio,
+            reuse=reuse,
         )
 
 

@@ -32,6 +32,7 @@ layers 0 .. levels-1 at the full-length visual mask, so the inner layer must be 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -43,9 +44,11 @@ from holitom_cli.models.base import (
     GenerationResult,
     LanguageDims,
     PromptInputs,
+    Turn,
     VideoAdapter,
     VisualSpan,
     VisualTokens,
+    conversation,
     load_pretrained,
     run_generation,
 )
@@ -120,6 +123,7 @@ class Qwen3_VL(VideoAdapter):
     DISPLAY_NAME = DISPLAY_NAME
     DEFAULT_CHECKPOINTS = DEFAULT_CHECKPOINTS
     QUANTIZATION_SKIP = QUANTIZATION_SKIP
+    VISUAL_INPUTS = ("mm_encoder_outputs",)  # the visual embeddings among generate's inputs
     INNER_RECIPE = INNER_RECIPE
     family = FAMILY
 
@@ -221,9 +225,14 @@ class Qwen3_VL(VideoAdapter):
 
     # ------------------------------------------------------------------------------------------- prompt
 
-    def _render(self, question: str) -> str:
-        """Chat-template text with one ``<|vision_start|><|video_pad|><|vision_end|>`` before the question."""
-        messages = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": question}]}]
+    def _render(self, question: str, history: Sequence[Turn] = ()) -> str:
+        """Chat-template text with one ``<|vision_start|><|video_pad|><|vision_end|>`` before the (first)
+        question; ``history``: earlier (question, answer) turns."""
+        for turn in history:
+            for text in turn:
+                if str(text).strip():
+                    self._check_question(str(text))  # no special token in an earlier turn either
+        messages = conversation(question, history, lambda q: [{"type": "video"}, {"type": "text", "text": q}])
         if getattr(self.tokenizer, "chat_template", None):
             try:
                 text = self.tokenizer.apply_chat_template(
@@ -279,7 +288,9 @@ class Qwen3_VL(VideoAdapter):
         depth = int(cfg.depth)
         return float(tokens.num_units * (depth * block + (1 + self.deepstack_levels) * merger))
 
-    def full_prompt(self, question: str, layout: dict[str, Any]) -> tuple[list[int], list[int], int]:
+    def full_prompt(
+        self, question: str, layout: dict[str, Any], history: Sequence[Turn] = ()
+    ) -> tuple[list[int], list[int], int]:
         """The uncompressed prompt as the processor writes it.
 
         Returns (token ids, the index of each temporal patch's first video pad, N pads per patch). Unit u's
@@ -295,7 +306,7 @@ class Qwen3_VL(VideoAdapter):
             raise ValueError(f"{len(seconds)} timestamps for {t} temporal patches")
         pads = "<|video_pad|>" * per_unit
         expansion = "".join(f"{timestamp_text(s)}<|vision_start|>{pads}<|vision_end|>" for s in seconds)
-        text = self._render(question)
+        text = self._render(question, history)
         head, tail = text.split(_PLACEHOLDER, 1)
         text = head + "<|vision_start|>" + expansion + "<|vision_end|>" + tail
         ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -321,7 +332,7 @@ class Qwen3_VL(VideoAdapter):
             i -= 1
         return i
 
-    def build_prompt(self, question: str, span: VisualSpan) -> PromptInputs:
+    def build_prompt(self, question: str, span: VisualSpan, history: Sequence[Turn] = ()) -> PromptInputs:
         """The prompt for ``span`` (timestamps per kept unit); M-RoPE positions as in the module docstring.
 
         ``extra["visual_positions"]`` (M,) holds the prompt position of every visual token (in span order);
@@ -330,7 +341,7 @@ class Qwen3_VL(VideoAdapter):
         layout = span.layout
         if "video_grid_thw" not in layout or "unit_seconds" not in layout:
             raise ValueError("the span carries no Qwen3-VL layout (was it built from encode_video's tokens?)")
-        full, firsts, per_unit = self.full_prompt(question, layout)
+        full, firsts, per_unit = self.full_prompt(question, layout, history)
         t, h, w = (int(v) for v in layout["video_grid_thw"][0].tolist())
         rows, cols = h // self.preprocessing.merge_size, w // self.preprocessing.merge_size
         unit, row, col = (x.long().cpu() for x in (span.unit, span.row, span.col))
@@ -400,6 +411,7 @@ class Qwen3_VL(VideoAdapter):
         on_text: Any = None,
         inner_layer: int | None = None,
         inner_prune_ratio: float = 0.5,
+        reuse: Any = None,
     ) -> GenerationResult:
         """Generate an answer from a prompt of :meth:`build_prompt` and the span it was built for.
 
@@ -446,7 +458,9 @@ class Qwen3_VL(VideoAdapter):
             on_text=on_text,
             inner_layer=inner_layer,
             inner_prune_ratio=inner_prune_ratio,
+            reuse=reuse,
         )
+
 
 def load(
     path: Path,
