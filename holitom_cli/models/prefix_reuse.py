@@ -16,8 +16,9 @@ depends on the last token's attention, i.e. on the question. So what is reusable
 A :class:`PrefixStore` lives on one prepared video. Each answer looks up the state saved for the same visual
 span and inner layer (``key``); the reusable length is the longest common prefix of the stored prompt's token
 ids and the new ones, as long as it covers every visual token and leaves at least two tokens to run (the
-last token's query is what the inner stage scores with, and a one-token pass would look like a decode step). The first question, and any question whose prompt
-differs before the end of the video, runs cold and saves its state for the next.
+last token's query is what the inner stage scores with, and a one-token pass would look like a decode
+step). The first question, and any question whose prompt differs before the end of the video, runs cold and
+saves its state for the next.
 
 Nothing here knows a model family: the adapter lists the model inputs that carry the visual embeddings
 (``VISUAL_INPUTS``), which a warm run drops, since the uncached tokens hold no visual token.
