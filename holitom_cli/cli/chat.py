@@ -130,14 +130,17 @@ def chat_command(
         pipe, video, sampling, console if show else None, prepare=cached_preparation(pipe, cache)
     )
     session = ChatSession(pipe, prepared, video, console, cfg, preset, generation, repeats, show)
-    if show:
-        console.print(
-            f"Ready: {prepared.num_frames} frames of {video.name} · {session.settings_text()}. "
-            "Type a question, /help for the commands, /quit to end.",
-            markup=False,
-            highlight=False,
-        )
-    session.run(line_reader(console))
+    try:  # from here on, Ctrl-C outside an answer or a command ends the session like /quit
+        if show:
+            console.print(
+                f"Ready: {prepared.num_frames} frames of {video.name} · {session.settings_text()}. "
+                "Type a question, /help for the commands, /quit to end.",
+                markup=False,
+                highlight=False,
+            )
+        session.run(line_reader(console))
+    except KeyboardInterrupt:
+        console.print()
 
 
 def line_reader(console: Any) -> Callable[[], str | None]:
@@ -235,6 +238,8 @@ class ChatSession:
             self.question(line)
         except HolitomError as exc:
             print_error(exc.message, exc.hint)
+        except KeyboardInterrupt:  # Ctrl-C during a command (e.g. /explain): back to the prompt
+            self.say("(stopped)")
         return True
 
     def command(self, line: str) -> bool:
