@@ -493,8 +493,9 @@ def print_report(record: dict[str, Any], console: Console, verbose: bool = False
 def reused_text(record: dict[str, Any], short: bool = False) -> str:
     """What the answer took from earlier work and what that saved, from ``record["reused"]``; "" if nothing.
 
-    ``the prepared video from memory (vision tower not run: 2.31 s saved) · KV of 812 prompt positions from
-    an earlier question (prefill ran on 20 of 832) · ...``; ``short``: ``video (memory), 812 KV, ...``.
+    ``the prepared video from memory (vision tower not run: 2.31 s saved) · KV of 812 of 832 prompt
+    positions from an earlier question (layers below the inner layer 18) · ...``; ``short``:
+    ``video (memory), 812 KV, ...``.
     """
     reused = record.get("reused") or {}
     parts = []
@@ -517,8 +518,10 @@ def reused_text(record: dict[str, Any], short: bool = False) -> str:
             parts.append(f"{kv:,} KV")
         else:
             prompt = record.get("prompt_tokens")
-            ran = f" (prefill ran on {prompt - kv:,} of {prompt:,})" if prompt and prompt >= kv else ""
-            parts.append(f"KV of {_plural(kv, 'prompt position')} from an earlier question{ran}")
+            of = f" of {prompt:,}" if prompt and prompt >= kv else ""
+            inner = record.get("inner")
+            layers = f"layers below the inner layer {inner['layer']}" if inner else "every layer"
+            parts.append(f"KV of {kv:,}{of} prompt positions from an earlier question ({layers})")
     if reused.get("compression"):
         parts.append("compression" if short else "HoliTom's outer stage (compression)")
     return (", " if short else " · ").join(parts)
