@@ -100,8 +100,8 @@ def chat_command(
     /history on|off, /help, /quit. Questions are answered independently of each other until /history on,
     which starts a conversation (the earlier questions and answers go into each prompt) until /history off.
     /preset none runs the unmodified model; /compare (with --repeats) is ask --compare-baseline for the last
-    question, or the next one. Ctrl-C stops an answer; at the prompt, Ctrl-C or Ctrl-D ends the session (exit code 0). When stdin is
-    not a terminal, lines are read from it, so a session can be scripted.
+    question, or the next one. Ctrl-C stops an answer; at the prompt, Ctrl-C or Ctrl-D ends the session
+    (exit code 0). When stdin is not a terminal, lines are read from it, so a session can be scripted.
 
     Example: holitom chat assets/sample.mp4 -p fast
     """
