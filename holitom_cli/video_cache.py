@@ -347,4 +347,5 @@ def _restore(adapter: Any, file: Path, manifest: dict[str, Any], fields: dict[st
         model_name=adapter.name,
         vision_flops=float(info["vision_flops"]),
         source="cache",
+        encode_s=float(info["vision_s"]),
     )

@@ -122,14 +122,16 @@ def test_vision_progress_starts_at_zero_of_total(pipe, sample_video):
 
 
 def test_compare_runs_are_interleaved_and_greedy_answers_repeat(pipe, video, monkeypatch):
+    from holitom_cli.pipeline import Pipeline
+
     order: list[str] = []
-    real_ask = pipe.ask
+    real_ask = Pipeline.ask
 
-    def spy(prepared, question, cfg=None, options=None, on_text=None):
+    def spy(self, prepared, question, cfg=None, options=None, on_text=None, **kw):
         order.append("warm-up" if options.max_new_tokens == 1 else ("holitom" if cfg else "baseline"))
-        return real_ask(prepared, question, cfg, options, on_text=on_text)
+        return real_ask(self, prepared, question, cfg, options, on_text=on_text, **kw)
 
-    monkeypatch.setattr(pipe, "ask", spy)
+    monkeypatch.setattr(Pipeline, "ask", spy)
     streamed: dict[str, str] = {"baseline": "", "holitom": ""}
     runs = compare_with_baseline(
         pipe,
@@ -142,6 +144,12 @@ def test_compare_runs_are_interleaved_and_greedy_answers_repeat(pipe, video, mon
     )
     assert order == ["warm-up"] + ["baseline", "holitom"] * 3
     assert runs.repeats == 3
+    # (issue 11) every compared run is timed as a cold first question: the video's vision time counted on
+    # both sides, no prompt prefix reused
+    for answer in runs.baseline + runs.holitom:
+        assert answer.stats.reused["prefix_kv_tokens"] == 0
+        assert answer.stats.timings.vision_s == video.vision_s > 0
+    assert all(a.stats.timings.compress_s > 0 for a in runs.holitom)
     # greedy decoding: every repeat of a side gives the same tokens; only the first of each side streams
     assert len({tuple(a.token_ids) for a in runs.holitom}) == 1
     assert len({tuple(a.token_ids) for a in runs.baseline}) == 1
