@@ -11,6 +11,7 @@ DEFAULT_FPS_MAX_FRAMES = 64  # cap applied to ``--fps`` sampling when ``--max-fr
 
 # Questions
 MAX_QUESTION_CHARS = 20_000  # longer questions are refused before any work (the context bounds it too)
+MAX_ASK_QUESTIONS = 1000  # questions in one ``ask`` call (more: use ``holitom batch``)
 
 # Generation
 MAX_NEW_TOKENS = 8192  # ``--max-new-tokens`` upper bound (the model's context bounds it too)

@@ -38,8 +38,9 @@ stderr. Errors you can fix print `Error: ...` and a `Hint: ...`, exit code 1; wr
 set `HOLITOM_DEBUG=1` to see a traceback. The JSON written by `ask --json` and `batch` is described in
 [json-schema.md](json-schema.md).
 
-Short options mean the same in every command: `-q` is `--question` (in `ask` an alternative to the QUESTION
-argument, in `batch` repeatable), `-m` `--model`, `-p` `--preset`, `-o` `--output`, `-v` `--verbose`;
+Short options mean the same in every command: `-q` is `--question` (repeatable in `ask` and `batch`; in
+`ask` an alternative to the QUESTION arguments), `-m` `--model`, `-p` `--preset`, `-o` `--output`, `-v`
+`--verbose`;
 `--quiet` has no short form. Progress bars and spinners (frames being encoded, the prefill until the first
 token, the timing repeats of `--compare-baseline`) are drawn on stderr only for the interactive report on a
 terminal: never with `--json` or `--quiet`.

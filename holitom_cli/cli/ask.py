@@ -53,9 +53,7 @@ from holitom_cli.cli.options import (
 )
 from holitom_cli.cli.settings import build_config, check_question_text, sampling_options
 from holitom_cli.errors import ConfigError, HolitomError
-from holitom_cli.limits import MAX_QUESTION_CHARS
-
-MAX_ASK_QUESTIONS = 1000  # questions in one ``ask`` call (more: use ``holitom batch``)
+from holitom_cli.limits import MAX_ASK_QUESTIONS, MAX_QUESTION_CHARS
 
 QuestionsArg = Annotated[
     list[str] | None,
