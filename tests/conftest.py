@@ -10,9 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+
 @pytest.fixture(scope="session", autouse=True)
 def _private_video_cache(tmp_path_factory):
-    """Every test (and every CLI process it starts) uses a fresh video cache folder, never ~/.cache/holitom."""
+    """Every test (and every CLI process it starts) uses its own video cache, never ~/.cache/holitom."""
     old = os.environ.get("HOLITOM_CACHE")
     os.environ["HOLITOM_CACHE"] = str(tmp_path_factory.mktemp("holitom-cache"))
     yield
@@ -24,7 +25,7 @@ def _private_video_cache(tmp_path_factory):
 
 @pytest.fixture(autouse=True)
 def _fresh_video_cache(tmp_path_factory, monkeypatch):
-    """And a fresh one per test, so no test sees another's cached videos (module fixtures use the session's)."""
+    """A fresh one per test, so no test sees another's cached videos (module fixtures use the session's)."""
     monkeypatch.setenv("HOLITOM_CACHE", str(tmp_path_factory.mktemp("video-cache")))
 
 

@@ -13,8 +13,7 @@ import pytest
 from typer.testing import CliRunner
 
 from holitom_cli.cli.app import app
-from holitom_cli.limits import MAX_ASK_QUESTIONS
-from holitom_cli.limits import MAX_QUESTION_CHARS
+from holitom_cli.limits import MAX_ASK_QUESTIONS, MAX_QUESTION_CHARS
 
 FRAMES, NEW = 4, 5
 QUESTIONS = ["What does the red circle do?", "What colour is the square?", "How many objects are there?"]
