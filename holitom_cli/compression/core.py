@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from holitom_cli.compression.config import HoliTomConfig
+from holitom_cli.compression.memory import empty_output
 from holitom_cli.compression.plan import MergePlan, PlanParts, cluster_part, selection_part
 from holitom_cli.compression.spatial import (
     cluster_dpc_knn,
@@ -187,7 +188,7 @@ def compress_video_tokens(
     # Output in "one_token" order, written in place: per segment its clusters, then its dynamic tokens.
     sizes = [(0 if c is None else c[0].shape[0], dyn_offset[e + 1] - dyn_offset[s]) for c, (s, e) in
              zip(clusters, seg.segments, strict=True)]  # fmt: skip
-    tokens = features.new_empty(sum(a + b for a, b in sizes), features.shape[2])  # (M, C)
+    tokens = empty_output(features, sum(a + b for a, b in sizes), features.shape[2])  # (M, C)
     flat_features = features.reshape(frames * num, features.shape[2])
     index_parts, static_parts, row = [], [], 0
     plan = PlanParts(num_input, device)  # the same decisions as index bookkeeping (no feature work)

@@ -47,6 +47,15 @@ def frames_per_chunk(features: torch.Tensor) -> int:
     return max(1, budget // max(1, num * channels * 4))
 
 
+def _row_dots(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> None:
+    """``out[...] = (a * b).sum(-1)`` for (..., C) tensors with contiguous rows, as one batched matrix
+    product of (1, C) by (C, 1) per row (float32/float64 accumulation, no (..., C) product buffer)."""
+    channels = a.shape[-1]
+    rows = a.reshape(-1, 1, channels)
+    cols = b.reshape(-1, 1, channels).transpose(1, 2)  # (R, C, 1) as a transposed view: the fast layout
+    torch.bmm(rows, cols, out=out.view(-1, 1, 1))
+
+
 def adjacent_similarity(features: torch.Tensor) -> torch.Tensor:
     """Cosine similarity of the same position in adjacent frames.
 
@@ -56,9 +65,10 @@ def adjacent_similarity(features: torch.Tensor) -> torch.Tensor:
         (T-1, N) float32, clamped to [-1, 1] (so that tau >= 1 never merges, whatever the rounding).
 
     Precision: ``dot(a, b) / (|a| |b|)`` with products and sums in float32 (float64 for float64 input),
-    from the input values as given (a bf16/fp16 value is exact in float32). Memory: the frames go through
-    two reusable float32 chunks of :func:`frames_per_chunk` frames and one product buffer, never a
-    (T, N, C) copy; every frame is converted and normalised once.
+    from the input values as given (a bf16/fp16 value is exact in float32); the dot products are batched
+    (1, C) x (C, 1) matrix products, the norms ``vector_norm``. Memory: the frames go through two reusable
+    float32 chunks of :func:`frames_per_chunk` frames, never a (T, N, C) copy; every frame is converted
+    and normalised once.
     """
     frames, num, channels = features.shape
     work = working_dtype(features.dtype)
@@ -67,16 +77,15 @@ def adjacent_similarity(features: torch.Tensor) -> torch.Tensor:
     step = frames_per_chunk(features)
     convert = features.dtype != work
     buffers = [features.new_empty(step, num, channels, dtype=work) for _ in range(2 if convert else 0)]
-    product = features.new_empty(step, num, channels, dtype=work)
     prev = None  # (N, C) last frame of the previous chunk
     for i, a in enumerate(range(0, frames, step)):
         f = min(step, frames - a)
         cur = buffers[i % 2][:f].copy_(features[a : a + f]) if convert else features[a : a + f]
         torch.linalg.vector_norm(cur, dim=-1, out=norms[a : a + f])
         if prev is not None:  # the pair (a-1, a) across the chunk boundary
-            torch.sum(torch.mul(prev, cur[0], out=product[0]), dim=-1, out=dots[a - 1])
+            _row_dots(prev, cur[0], dots[a - 1])
         if f > 1:  # the pairs inside the chunk
-            torch.sum(torch.mul(cur[:-1], cur[1:], out=product[: f - 1]), dim=-1, out=dots[a : a + f - 1])
+            _row_dots(cur[:-1], cur[1:], dots[a : a + f - 1])
         prev = cur[f - 1]
     eps = 1e-12  # as F.normalize: a zero vector has similarity 0 with everything
     sim = dots / (norms[:-1].clamp_min(eps) * norms[1:].clamp_min(eps))
