@@ -345,7 +345,10 @@ def markdown(data: dict) -> str:
         for r in rows
         if r["answer_equals_cold"] is not None and r["arm"] != "F-"
     )
-    parts.append(f"Answers vs a cold answer of the same question (greedy token ids): {checks}.")
+    parts.append(
+        f"Answers vs a cold answer of the same question (greedy token ids; cold = a fresh PreparedVideo with "
+        f"prefix reuse off, for F+ the F- answer): {checks}."
+    )
     return "\n".join(parts)
 
 
@@ -412,6 +415,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         ap.error(f"unknown preset {args.preset!r}; one of {', '.join(PRESETS)}")
     if args.repeats < 1 or args.cold_repeats < 1 or args.cold_repeats > args.repeats:
         ap.error("need 1 <= --cold-repeats <= --repeats")
+    if args.frames < 1 or args.new_tokens < 1:
+        ap.error("--frames and --new-tokens must be >= 1")
+    if args.video is not None and not args.video.is_file():
+        ap.error(f"no video file at {args.video}")
     if args.threads:
         torch.set_num_threads(args.threads)
     args.video_cache = args.video_cache or args.cache / "reuse-video-cache"
