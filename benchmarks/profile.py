@@ -137,6 +137,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     video_path = args.video or make_test_video(args.cache / "bench-clip.mp4", seconds=20, fps=10)
     pipe = Pipeline.load(str(args.model_dir), device=args.device, dtype=args.dtype, offline=True)
+    pipe.reuse_prefix = False  # profile whole prefills (the same question is asked repeatedly)
     materialize_weights(pipe.model.model)  # see benchmarks._common.materialize_weights
     pipe.model.model.generation_config.min_new_tokens = args.new_tokens  # a fixed token count
     video = load_prepared(pipe, video_path, args.cache, args.frames)

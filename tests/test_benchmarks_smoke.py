@@ -154,6 +154,7 @@ def test_e2e_runs_on_the_tiny_model(tiny_model_dir: Path, sample_video: Path, tm
     assert [r["arm"] for r in saved["blocks"][0]["rows"]] == ["baseline", "fastest"]
     base, fast = data["blocks"][0]["rows"]
     assert base["new_tokens"] == [3] and fast["new_tokens"] == [3]  # EOS suppressed: a fixed count
+    assert base["prefix_kv_tokens"] == [0] == fast["prefix_kv_tokens"]  # whole prefills are timed
     per_frame = base["tokens_into_llm"] // 2
     assert base["tokens_into_llm"] == 2 * per_frame + 1  # T * N + the newline
     assert fast["tokens_into_llm"] < base["tokens_into_llm"]
