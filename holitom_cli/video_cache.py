@@ -127,14 +127,16 @@ def _unchanged(path: Path, ident: FileId) -> bool:
 
 def checkpoint_id(folder: Path) -> dict[str, Any]:
     """The checkpoint folder (absolute), its hub commit when it is a hub snapshot (``snapshots/<commit>``),
-    and every config / weights / tokenizer file in it by name, size and mtime: a rebuilt checkpoint misses."""
+    and every config / weights / tokenizer file in it by name, size, mtime, inode and ctime: a rebuilt
+    checkpoint misses, also when its files were copied in with their old timestamps (``cp -p``, ``rsync -a``:
+    the ctime of a written file cannot be set back)."""
     folder = folder.expanduser().absolute()
     files = []
     try:
         for item in sorted(os.scandir(folder), key=lambda e: e.name):
             if item.name.endswith((".json", ".safetensors", ".jinja", ".txt", ".model", ".tiktoken")):
                 info = item.stat()  # follows the hub cache's symlinks to the blobs
-                files.append([item.name, info.st_size, info.st_mtime_ns])
+                files.append([item.name, info.st_size, info.st_mtime_ns, info.st_ino, info.st_ctime_ns])
     except OSError:
         files = []
     revision = folder.name if folder.parent.name == "snapshots" else None

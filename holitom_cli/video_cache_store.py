@@ -27,6 +27,7 @@ import hashlib
 import json
 import os
 import re
+import stat
 import struct
 import sys
 import tempfile
@@ -317,9 +318,11 @@ class VideoCache:
         check out (or that ``build`` refuses) is dropped with one warning line; it is never used."""
         path = self.entry_path(key)
         try:
-            with open(path, "rb") as handle:
+            with _open_entry(path) as handle:
                 info = os.fstat(handle.fileno())
                 try:
+                    if not stat.S_ISREG(info.st_mode):  # a FIFO or device would block or never end
+                        raise EntryError("not a regular file")
                     value = build(*read_entry(handle, info.st_size, key))
                 except Exception as exc:  # EntryError, OSError, a refused field: all mean "do not trust it"
                     self._drop(path, info, exc)
@@ -396,10 +399,19 @@ class VideoCache:
         self.warn(f"dropped a damaged video cache entry ({reason}); preparing the video again")
 
 
+def _open_entry(path: Path) -> BinaryIO:
+    """An entry file opened for reading without ever blocking (a FIFO put in its place opens at once)."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    return os.fdopen(fd, "rb")
+
+
 def _manifest_of(path: Path) -> dict[str, Any] | None:
     try:
-        with open(path, "rb") as handle:
-            return read_manifest(handle, os.fstat(handle.fileno()).st_size)
+        with _open_entry(path) as handle:
+            info = os.fstat(handle.fileno())
+            if not stat.S_ISREG(info.st_mode):
+                return None
+            return read_manifest(handle, info.st_size)
     except Exception:  # damaged or vanished: listed without details
         return None
 

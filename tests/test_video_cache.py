@@ -145,6 +145,23 @@ def test_key_changes_with_sampling_model_and_checkpoint(tmp_path, checkpoint):
     assert _digest(adapter, video, SamplingOptions(frames=8)) != base
 
 
+def test_key_changes_when_weights_are_copied_in_with_the_old_size_and_mtime(tmp_path, checkpoint):
+    """``cp -p`` / ``rsync -a`` of other weights of the same size keep size and mtime; the ctime moves."""
+    video = tmp_path / "v.mp4"
+    video.write_bytes(b"video")
+    weights = checkpoint / "model.safetensors"
+    weights.write_bytes(b"A" * 64)
+    before = weights.stat()
+    first = _digest(_adapter(checkpoint), video, SamplingOptions(frames=8))
+    other = tmp_path / "other.safetensors"
+    other.write_bytes(b"B" * 64)
+    shutil.copy2(other, weights)  # same size; copy2 copies the mtime of ``other``...
+    os.utime(weights, ns=(before.st_atime_ns, before.st_mtime_ns))  # ...set back to the old one
+    after = weights.stat()
+    assert (after.st_size, after.st_mtime_ns) == (before.st_size, before.st_mtime_ns)
+    assert _digest(_adapter(checkpoint), video, SamplingOptions(frames=8)) != first
+
+
 def test_key_names_the_hub_commit_of_a_snapshot(tmp_path):
     snapshot = tmp_path / "models--a--b" / "snapshots" / "0123abcd"
     snapshot.mkdir(parents=True)
@@ -443,6 +460,21 @@ def test_open_cache_options(tmp_path):
         open_cache(True, "lots", str(tmp_path / "c"))  # a bad size fails even with --no-cache
     cache = open_cache(False, "1MB", str(tmp_path / "c"))
     assert cache.max_bytes == 10**6 and cache.is_ours()
+
+
+@pytest.mark.parametrize("kind", ["fifo", "directory"])
+def test_an_entry_that_is_not_a_regular_file_never_blocks(tmp_path, kind):
+    """A FIFO at an entry's name would block open() forever; it is a damaged entry (dropped), listed
+    without details, and ``load`` returns at once."""
+    warnings: list[str] = []
+    cache = _stored(tmp_path, warn=warnings.append)
+    path = cache.entry_path(KEY)
+    path.unlink()
+    os.mkfifo(path) if kind == "fifo" else path.mkdir()
+    assert [e.manifest for e in cache.entries(manifests=True)] == [None]  # listing does not block either
+    assert cache.load(KEY, _build) is None
+    if kind == "fifo":
+        assert not path.exists() and len(warnings) == 1  # dropped, one warning
 
 
 def test_clear_removes_only_entry_files(tmp_path):
