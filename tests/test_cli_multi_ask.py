@@ -246,3 +246,15 @@ def test_qwen_several_questions_equal_cold_runs(qwen_dir, make_video, extra):
         assert record["answer"] == alone["answer"] and record["tokens"] == alone["tokens"]
     assert lines[0]["model"]["family"] == "qwen2_5_vl"
     assert lines[1]["reused"]["video"] is True and lines[1]["reused"]["prefix_kv_tokens"] > 0
+
+
+@pytest.mark.parametrize("count", [1, 2])
+def test_a_picture_that_cannot_be_written_never_loses_the_answers(tiny_model_dir, video, cold, count):
+    """(review of issue 11) /proc refuses new files: the check before the model passes (the folder exists),
+    the write after the answer fails. The answers are still printed; the picture's error says what failed."""
+    result = ask(tiny_model_dir, video, *QUESTIONS[:count], "--json", "--explain", "/proc/holitom-map.png")
+    assert result.exit_code == 1
+    records = json_lines(result)
+    assert [r["answer"] for r in records] == [cold[q]["answer"] for q in QUESTIONS[:count]]
+    assert records[0].get("merge_map") is None and "merge map" in records[0]["merge_map_error"]
+    assert "Traceback" not in result.stderr and "Error:" in result.stderr

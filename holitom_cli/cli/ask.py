@@ -168,8 +168,10 @@ def ask_command(
 
     Several questions (holitom ask v.mp4 "q1" "q2", -q repeated, or --questions FILE): the model loads once,
     the video is prepared once, and each question is answered in turn, independently of the others (answers
-    on stdout separated by a blank line, each with its report, then a summary table). An error on one of
-    them is reported and the others are still answered; the exit code is then 1.
+    on stdout separated by a blank line, each with its report, then a summary table). Every question is
+    checked before the model's work starts (empty, too long, or not fitting the context on its own: the
+    command stops there); an error while answering one is reported and the others are still answered; the
+    exit code is then 1.
 
     Example: holitom ask assets/sample.mp4 "What does the red circle do?"
     """
@@ -217,11 +219,22 @@ def ask_command(
 
     run = _Run(pipe, prepared, console, cfg, generation, preset, as_json, show, verbose, explain, gif)
     if len(asked) == 1:
-        run.answer(asked[0], compare_baseline, repeats)
+        try:
+            run.answer(asked[0], compare_baseline, repeats)
+        except MapNotWritten as failed:  # the answer is out (stdout / its JSON line); the picture is not
+            raise failed.cause from None
         return
     failed = run.answer_all(asked, compare_baseline, repeats)
     if failed:
         raise typer.Exit(1)
+
+
+class MapNotWritten(Exception):
+    """The answer was given (and printed) but its ``--explain`` picture could not be written."""
+
+    def __init__(self, record: dict[str, Any], cause: BaseException) -> None:
+        super().__init__(str(cause))
+        self.record, self.cause = record, cause
 
 
 class _Run:
@@ -237,6 +250,7 @@ class _Run:
         self.interactive = show and not as_json  # the spinners: only with the Rich report (and a terminal)
         self.stream = None if as_json else stdout_writer()
         self.merge_map: str | None = None
+        self.map_failed = False  # the --explain picture could not be written (tried once per call)
         self.warmed = False  # --compare-baseline: the warm-up ran (once per call)
 
     def answer(self, question: str, compare_baseline: bool, repeats: int) -> dict[str, Any]:
@@ -269,12 +283,18 @@ class _Run:
                 self.stream("\n")
             baseline = None
 
-        new_map = self.merge_map is None and self.explain is not None
+        new_map = self.merge_map is None and self.explain is not None and not self.map_failed
+        map_error = None
         if new_map:  # the outer stage does not depend on the question: one picture for every answer
-            self.merge_map = self._save_merge_map(question, answer)
+            try:
+                self.merge_map = self._save_merge_map(question, answer)
+            except Exception as exc:  # never lose the answer for the picture: say so after it
+                self.map_failed, map_error, new_map = True, exc, False
         record = answer_record(
             question, answer, self.prepared, baseline, self.merge_map, preset=self.preset, runs=runs
         )
+        if map_error is not None:
+            record["merge_map_error"] = failure_text(map_error)[0]
         if self.as_json:
             write_json_line(record)
         if self.show and not self.as_json:
@@ -284,6 +304,8 @@ class _Run:
                 print_comparison(record, self.console)
         if self.show and new_map:
             self.console.print(f"Merge map written to {self.merge_map}")
+        if map_error is not None:
+            raise MapNotWritten(record, map_error)
         return record
 
     def answer_all(self, asked: list[str], compare_baseline: bool, repeats: int) -> int:
@@ -305,6 +327,10 @@ class _Run:
                 self.console.print(header, highlight=False)
             try:
                 records.append(self.answer(question, compare_baseline, repeats))
+            except MapNotWritten as failed:  # answered; only the picture is missing
+                message, hint = failure_text(failed.cause)
+                print_error(f"{question_name(i, len(asked))}: {message}", hint)
+                records.append({**failed.record, "error": message})
             except BrokenPipeError:
                 raise
             except Exception as exc:  # reported, and the next question is still answered

@@ -346,7 +346,7 @@ class ChatSession:
     def question(self, text: str, compare: bool = False) -> None:
         check_question_text(text)
         history = tuple(self.turns) if self.history_on else ()
-        compare = compare or self.compare_next
+        compare = (compare or self.compare_next) and self.cfg is not None  # /preset none since: no comparison
         self.compare_next = False
         self._answer(text, history, compare=compare, remember=True)
 

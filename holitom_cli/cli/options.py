@@ -265,7 +265,9 @@ SeedOpt = Annotated[
 JsonOpt = Annotated[
     bool,
     typer.Option(
-        "--json", help="Print one JSON object on stdout and nothing else.", rich_help_panel=PANEL_OUTPUT
+        "--json",
+        help="Print one JSON object per question on stdout (one per line) and nothing else.",
+        rich_help_panel=PANEL_OUTPUT,
     ),
 ]
 VerboseOpt = Annotated[
