@@ -546,6 +546,11 @@ def check_output_path(path: str | os.PathLike[str], *, gif: bool = False) -> Pat
     if out.is_dir():
         raise HolitomError(f"cannot write the merge map to '{path}': it is a folder", hint="give a file name")
     parent = out.parent if str(out.parent) else Path(".")
+    if parent.exists() and not parent.is_dir():
+        raise HolitomError(
+            f"cannot write the merge map to '{path}': '{parent}' is a file, not a folder",
+            hint="choose a path inside a folder",
+        )
     if not parent.is_dir():
         raise HolitomError(
             f"cannot write the merge map to '{path}': folder '{parent}' does not exist",

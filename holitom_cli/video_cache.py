@@ -67,6 +67,9 @@ def default_cache_dir() -> Path:
     return Path.home() / ".cache" / "holitom"
 
 
+_MAX_SIZE = 10**18  # 1 EB: a larger --cache-size is a typo
+
+
 def parse_size(text: str) -> int:
     """Bytes in ``"10GB"``, ``"500M"``, ``"1.5 GiB"``, ``"800000"``: K/M/G/T (with or without B) are powers
     of 1000, KiB/MiB/GiB/TiB powers of 1024; case does not matter. ConfigError otherwise (0 included)."""
@@ -79,6 +82,8 @@ def parse_size(text: str) -> int:
     size = int(number * scale)
     if size < 1:
         raise ConfigError(f"the cache size must be at least 1 byte, got {text!r}", hint=hint)
+    if size > _MAX_SIZE:
+        raise ConfigError(f"the cache size {text!r} is larger than any disk (over 1 EB)", hint=hint)
     return size
 
 

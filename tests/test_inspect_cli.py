@@ -189,3 +189,10 @@ def test_bad_output_path_fails_before_the_model_loads(split_video, tmp_path, nam
 def test_missing_video_is_an_error(tmp_path):
     res = run(tmp_path / "nope.mp4", "-o", tmp_path / "map.png", "-m", tmp_path / "no-such-model")
     assert res.exit_code == 1 and "video not found" in res.output
+
+
+def test_output_inside_a_file_says_it_is_a_file(split_video, tmp_path):
+    (tmp_path / "notes.txt").write_text("keep")
+    res = run(split_video, "-o", tmp_path / "notes.txt" / "map.png", "-m", tmp_path / "no-such-model")
+    assert res.exit_code == 1 and "is a file, not a folder" in res.output and "mkdir" not in res.output
+    assert (tmp_path / "notes.txt").read_text() == "keep"

@@ -52,7 +52,10 @@ def test_parse_size(text, expected):
     assert parse_size(text) == expected
 
 
-@pytest.mark.parametrize("text", ["", "abc", "10XB", "-1G", "0", "0GB", "1iB", "GB", "1 G B", "1e9", "nan"])
+@pytest.mark.parametrize(
+    "text",
+    ["", "abc", "10XB", "-1G", "0", "0GB", "1iB", "GB", "1 G B", "1e9", "nan", "99999999999999999999TB"],
+)
 def test_parse_size_refuses_bad_values_with_a_hint(text):
     with pytest.raises(ConfigError) as info:
         parse_size(text)
