@@ -468,6 +468,8 @@ class Pipeline:
             reused={
                 "compression": outer.reused,
                 "video": video.source == "cache" or not first,
+                # the first answer about a video from the cache read it there; later ones reuse it in memory
+                "video_source": "memory" if not first else ("cache" if video.source == "cache" else None),
                 "prefix_kv_tokens": int(result.prefix_kv_tokens),
             },
             model=self.model.describe(),

@@ -223,6 +223,7 @@ def test_second_call_takes_the_video_from_the_cache(tiny_model_dir, video, cold,
     assert saved == pytest.approx(third["reused"]["vision_s_saved"] - second["timings"]["vision_s"], abs=1e-6)
     assert second["answer"] == first["answer"] == cold[QUESTIONS[0]]["answer"]
     assert third["answer"] == cold[QUESTIONS[1]]["answer"] and third["reused"]["prefix_kv_tokens"] > 0
+    assert third["reused"]["video_source"] == "memory"  # read from the cache once, then reused in memory
 
 
 # ------------------------------------------------------------------------------------------- Qwen2.5-VL

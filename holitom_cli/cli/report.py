@@ -94,8 +94,10 @@ def reused_record(stats: dict[str, Any], video: Any = None) -> dict[str, Any]:
         "prefix_kv_tokens": int(reused.pop("prefix_kv_tokens", 0) or 0),
         **reused,
     }
-    source = getattr(video, "source", None)
-    out["video_source"] = ("cache" if source == "cache" else "memory") if out["video"] else None
+    source = out.pop("video_source", None)  # the pipeline's (memory after the first answer); else the video's
+    if source is None and out["video"]:
+        source = "cache" if getattr(video, "source", None) == "cache" else "memory"
+    out["video_source"] = source if out["video"] else None
     encoded = getattr(video, "encode_s", None)  # what the vision tower took when it ran
     spent = float((stats.get("timings") or {}).get("vision_s") or 0.0)  # a cache hit's read time
     saved = out["video"] and encoded is not None
