@@ -38,3 +38,15 @@ def test_int8_answer_on_cpu_logs_no_per_call_lines(caplog, tiny_model_dir) -> No
         result = vlm.generate(inputs, span, max_new_tokens=4)
     assert result.prompt_tokens == inputs.input_ids.shape[1]
     assert not [r for r in caplog.records if "MatMul8bitLt" in r.getMessage()]
+
+
+def test_a_long_question_prints_no_tokenizer_length_warning(caplog, tiny_model_dir) -> None:
+    """transformers warns on stderr when a text is longer than the tokenizer's model_max_length; holitom's own
+    context check says what to do instead, so the warning is dropped (the review of issue 11 saw it leak)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny_model_dir))
+    tokenizer.model_max_length = 16
+    ids = tokenizer("what happens in the video " * 20)["input_ids"]
+    assert len(ids) > 16
+    assert not [r for r in caplog.records if "Token indices sequence length" in r.getMessage()]

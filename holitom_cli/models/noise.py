@@ -23,6 +23,12 @@ NOISE: tuple[tuple[str, str, str], ...] = (
         "Failed to load CPU gemm_4bit_forward from kernels-community",
         "optional accelerated kernel package not installed; bitsandbytes falls back to its own CPU path",
     ),
+    (
+        "transformers.tokenization_utils_base",
+        "Token indices sequence length is longer than the specified maximum",
+        "a very long question; holitom checks every prompt against the model's context itself and refuses "
+        "one that does not fit, with the numbers and what to change, before the model runs",
+    ),
 )
 
 
