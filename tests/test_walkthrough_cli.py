@@ -16,7 +16,7 @@ import pytest
 from rich.console import Console
 from typer.testing import CliRunner
 
-from holitom_cli.cli import report
+from holitom_cli.cli import records, report
 from holitom_cli.cli.app import app
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -197,11 +197,11 @@ def test_preset_record_from_settings():
     from holitom_cli.compression import get_preset
 
     balanced = get_preset("balanced").to_dict()
-    assert report.preset_record(None, balanced) == {"name": "balanced", "custom": False}
-    assert report.preset_record(None, get_preset("fast").to_dict()) == {"name": "fast", "custom": False}
-    assert report.preset_record("accurate", balanced) == {"name": "accurate", "custom": True}
-    assert report.preset_record(None, {**balanced, "beta": 0.5}) == {"name": "balanced", "custom": True}
-    assert report.preset_record("fast", None) is None
+    assert records.preset_record(None, balanced) == {"name": "balanced", "custom": False}
+    assert records.preset_record(None, get_preset("fast").to_dict()) == {"name": "fast", "custom": False}
+    assert records.preset_record("accurate", balanced) == {"name": "accurate", "custom": True}
+    assert records.preset_record(None, {**balanced, "beta": 0.5}) == {"name": "balanced", "custom": True}
+    assert records.preset_record("fast", None) is None
 
 
 # ------------------------------------------------------------------------------------------- finding 3

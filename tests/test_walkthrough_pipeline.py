@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from holitom_cli.cli.report import Comparison, answer_record, compare_with_baseline, speedups
+from holitom_cli.cli.records import Comparison, answer_record, compare_with_baseline, speedups
 from holitom_cli.compression import get_preset
 from holitom_cli.errors import ConfigError
 from holitom_cli.pipeline import GenerationOptions, Pipeline, SamplingOptions

@@ -255,12 +255,8 @@ class _Run:
 
     def answer(self, question: str, compare_baseline: bool, repeats: int) -> dict[str, Any]:
         """Answer one question: stream it, write its JSON line or print its report; the record."""
-        from holitom_cli.cli.report import (
-            Spinner,
-            answer_record,
-            print_comparison,
-            print_report,
-        )
+        from holitom_cli.cli.records import answer_record
+        from holitom_cli.cli.report import Spinner, print_comparison, print_report
 
         runs = None
         if compare_baseline:
@@ -314,7 +310,8 @@ class _Run:
         from rich.markup import escape
 
         from holitom_cli.cli.errors import one_line, print_error
-        from holitom_cli.cli.report import error_line_record, print_summary
+        from holitom_cli.cli.records import error_line_record
+        from holitom_cli.cli.report import print_summary
 
         records = []
         for i, question in enumerate(asked):
@@ -355,7 +352,8 @@ class _Run:
 
     def _save_merge_map(self, question: str, answer: Any) -> str:
         from holitom_cli.cli.inspect_cmd import save_unit_merge_map
-        from holitom_cli.cli.report import preset_record, settings_line
+        from holitom_cli.cli.records import preset_record
+        from holitom_cli.cli.report import settings_line
 
         stats = answer.stats.to_dict()
         named = {"config": stats["holitom"], "preset": preset_record(self.preset, stats["holitom"]), **stats}
@@ -420,7 +418,8 @@ def compare_runs(console, interactive, show, stream, pipe, prepared, question, c
     The first answer of each side streams to stdout (a blank line between them, labels on stderr); a spinner
     on stderr covers the warm-up, each prefill until its first token, and the silent timing repeats.
     """
-    from holitom_cli.cli.report import Spinner, compare_with_baseline
+    from holitom_cli.cli.records import compare_with_baseline
+    from holitom_cli.cli.report import Spinner
 
     labels = {"baseline": "Full model (no compression)", "holitom": "HoliTom"}
     short = {"baseline": "full model", "holitom": "HoliTom"}

@@ -186,7 +186,7 @@ def describe_error(exc: BaseException) -> str:
 def error_record(job: BatchJob, item: Any, message: str, prepared: Any = None) -> dict:
     """The line of an item that failed (``prepared``: the video, when it was prepared before the failure)."""
     from holitom_cli import batchio
-    from holitom_cli.cli.report import SCHEMA_VERSION, versions, video_record
+    from holitom_cli.cli.records import SCHEMA_VERSION, versions, video_record
 
     record = {
         "schema_version": SCHEMA_VERSION,
@@ -215,7 +215,7 @@ def answer_video(
     prepared through (``holitom_cli.video_cache``; None: none).
     """
     from holitom_cli import batchio
-    from holitom_cli.cli.report import answer_record, compare_with_baseline
+    from holitom_cli.cli.records import answer_record, compare_with_baseline
     from holitom_cli.video_cache import prepare_video_cached
 
     label = batchio.path_text(items[0].video.name) if items else ""

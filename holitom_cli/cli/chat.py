@@ -270,7 +270,8 @@ class ChatSession:
     # ------------------------------------------------------------------------------------------- commands
 
     def settings_text(self) -> str:
-        from holitom_cli.cli.report import preset_record, settings_line
+        from holitom_cli.cli.records import preset_record
+        from holitom_cli.cli.report import settings_line
 
         if self.cfg is None:
             return "no compression"
@@ -354,7 +355,8 @@ class ChatSession:
         """Answer ``question`` (streamed), print its report line; Ctrl-C stops it and keeps the session."""
         from holitom_cli.cli.ask import compare_runs, failure_text, stdout_writer
         from holitom_cli.cli.errors import print_error
-        from holitom_cli.cli.report import Spinner, answer_record, ask_with, compact_line, print_comparison
+        from holitom_cli.cli.records import answer_record, ask_with
+        from holitom_cli.cli.report import Spinner, compact_line, print_comparison
         from holitom_cli.errors import HolitomError
 
         self.pipe.check_question(question, self.generation)

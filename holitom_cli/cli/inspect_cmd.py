@@ -177,7 +177,7 @@ def merge_map_caption(
     """First caption line of the picture: the video, the model, the settings and the FLOPs ratio."""
     if cfg is None:
         return f"{video.name}  ·  {model_name}  ·  no compression"
-    from holitom_cli.cli.report import preset_record
+    from holitom_cli.cli.records import preset_record
 
     named = preset_record(preset, cfg.to_dict())
     label = f"custom (from {named['name']})" if named["custom"] else named["name"]
