@@ -70,16 +70,21 @@ def test_reuse_bookkeeping_says_what_each_arm_is(result: tuple[dict, Path]) -> N
             parts = ["decode_video_s", "vision_s", "compress_s", "prompt_s", "prefill_s"]
             assert run["ttft_s"] == pytest.approx(sum(run[k] for k in parts))
             if arm in ("A", "B"):  # cold: a fresh prepared video, its decoding and vision counted
-                assert reused == {"compression": False, "video": False, "prefix_kv_tokens": 0}
+                assert reused == {
+                    "compression": False, "video": False, "video_source": None, "prefix_kv_tokens": 0
+                }  # fmt: skip
                 assert run["vision_s"] > 0 and run["decode_video_s"] > 0
             elif arm in ("C", "F+"):  # the prompt prefix (system turn + video) comes from the first answer
                 assert reused["video"] and 0 < reused["prefix_kv_tokens"] < run["prompt_tokens"] - 1
+                assert reused["video_source"] == "memory"
                 assert run["vision_s"] == 0 and run["decode_video_s"] == 0
             elif arm in ("D", "F-"):
                 assert reused["video"] and reused["prefix_kv_tokens"] == 0
                 assert run["vision_s"] == 0
             else:  # E: a cache hit, nothing else reused: the compression runs again
-                assert reused == {"compression": False, "video": True, "prefix_kv_tokens": 0}
+                assert reused == {
+                    "compression": False, "video": True, "video_source": "cache", "prefix_kv_tokens": 0
+                }  # fmt: skip
                 assert run["decode_video_s"] == 0
             assert reused["compression"] == (arm in ("C", "D"))
     rows = {r["arm"]: r for r in data["rows"]}
