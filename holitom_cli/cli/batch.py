@@ -250,8 +250,9 @@ def answer_video(
             yield record, f"{label} ({item.question!r}): {record['error']}"
 
 
-def _progress(console: Any, quiet: bool) -> Any:
-    """The single-process progress bar: item, bar, done/total, failures, elapsed, ETA."""
+def progress_bar(console: Any, quiet: bool, extra: tuple = (), **options: Any) -> Any:
+    """The batch progress bar: item, bar, done/total, failures, the ``extra`` columns, elapsed, ETA
+    (``options`` go to rich's ``Progress``; the Ray driver adds its throughput column)."""
     from rich.progress import (
         BarColumn,
         MofNCompleteColumn,
@@ -268,11 +269,13 @@ def _progress(console: Any, quiet: bool) -> Any:
         BarColumn(),
         MofNCompleteColumn(),
         TextColumn("[red]{task.fields[failed]} failed"),
+        *extra,
         TimeElapsedColumn(),
         TextColumn("ETA"),
         TimeRemainingColumn(),
         console=console,
         disable=quiet,
+        **options,
     )
 
 
@@ -501,7 +504,7 @@ def batch_command(
                 )
                 cache = open_cache(no_cache, cache_size, cache_dir, warn=warn)
                 state: dict = {}
-                with _progress(console, quiet) as progress:
+                with progress_bar(console, quiet) as progress:
                     task = progress.add_task("answering", total=len(pending), failed=0)
                     for path, group in groups.items():
                         if flag.requested:

@@ -74,8 +74,8 @@ def _answer_part(answer: Any, video: Any = None) -> dict[str, Any]:
 def reused_record(stats: dict[str, Any], video: Any = None) -> dict[str, Any]:
     """The ``reused`` object: what this answer did not compute again (docs/json-schema.md).
 
-    ``compression``, ``video``, ``prefix_kv_tokens`` come from the pipeline's statistics; ``video_source``
-    (``"memory"`` or ``"cache"``, null when the video was not reused) and ``vision_s_saved`` (the vision
+    ``compression``, ``video``, ``prefix_kv_tokens`` and ``video_source`` (``"cache"``, ``"memory"``, or
+    null when the video was not reused) come from the pipeline's statistics; ``vision_s_saved`` (the vision
     tower's time when the video was prepared, kept in a video-cache entry too, minus what this answer spent
     on the video, i.e. a cache hit's read time; null when the video was not reused) from the PreparedVideo.
     """
@@ -84,12 +84,9 @@ def reused_record(stats: dict[str, Any], video: Any = None) -> dict[str, Any]:
         "compression": bool(reused.pop("compression", False)),
         "video": bool(reused.pop("video", False)),
         "prefix_kv_tokens": int(reused.pop("prefix_kv_tokens", 0) or 0),
+        "video_source": reused.pop("video_source", None),
         **reused,
     }
-    source = out.pop("video_source", None)  # the pipeline's (memory after the first answer); else the video's
-    if source is None and out["video"]:
-        source = "cache" if getattr(video, "source", None) == "cache" else "memory"
-    out["video_source"] = source if out["video"] else None
     encoded = getattr(video, "encode_s", None)  # what the vision tower took when it ran
     spent = float((stats.get("timings") or {}).get("vision_s") or 0.0)  # a cache hit's read time
     saved = out["video"] and encoded is not None

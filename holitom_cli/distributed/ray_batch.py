@@ -166,6 +166,7 @@ class PipelineWorker:
 
 # ------------------------------------------------------------------------------------------- Ray session
 
+
 @contextmanager
 def _terminal_kept_for_us(log_path: str, console: Any) -> Iterator[None]:
     """For the run, everything written to stdout and stderr goes to ``log_path``, except ``console``'s output.
@@ -366,30 +367,11 @@ def _throughput_column() -> Any:
 
 
 def _progress(console: Any, quiet: bool, redirect: bool) -> Any:
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        SpinnerColumn,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
+    """The single-process bar plus items/min; without -v, stray writes belong in the log, not above it."""
+    from holitom_cli.cli.batch import progress_bar
 
-    return Progress(
-        SpinnerColumn(),
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("[red]{task.fields[failed]} failed"),
-        _throughput_column(),
-        TimeElapsedColumn(),
-        TextColumn("ETA"),
-        TimeRemainingColumn(),
-        console=console,
-        disable=quiet,
-        redirect_stdout=redirect,  # without -v, stray writes belong in the log, not above the bar
-        redirect_stderr=redirect,
+    return progress_bar(
+        console, quiet, (_throughput_column(),), redirect_stdout=redirect, redirect_stderr=redirect
     )
 
 

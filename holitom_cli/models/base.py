@@ -307,6 +307,15 @@ def conversation(question: str, history: Sequence[Turn], first: Callable[[str], 
     return messages
 
 
+def check_turns(history: Sequence[Turn], check: Callable[[str], Any]) -> None:
+    """``check(text)`` on every non-blank question and answer of earlier turns (an adapter's special-token
+    check: an earlier turn must not smuggle a video placeholder into the prompt)."""
+    for turn in history:
+        for text in turn:
+            if str(text).strip():
+                check(str(text))
+
+
 def cache_size(cache: Any) -> tuple[int, list[int]]:
     """(bytes held by keys and values, per-layer cached length) of a transformers cache (0, [] when None)."""
     if cache is None:

@@ -164,7 +164,8 @@ class InnerMergeHandle:
         self.scores: torch.Tensor | None = None  # (M,) float32 scores of the last merging prefill
         self.kept_index: torch.Tensor | None = None  # (M',) long, kept positions into that visual span
         self._span: torch.Tensor | None = None  # armed (M,) ascending prompt positions of the visual tokens
-        self._pending: tuple[torch.Tensor, torch.Tensor, int] | None = None  # (scores (M,), positions, n)
+        # (scores (M,), positions, n, (PrefixState, P) or None, the joined positions or None)
+        self._pending: tuple | None = None
         self._swap: dict[str, Any] | None = None  # kwargs for layers > K in the current forward
         self._swap_len: int | None = None
         self._record: _Record | None = None
@@ -265,10 +266,12 @@ class InnerMergeHandle:
         prefix, self._prefix = self._prefix, None
         self._span = None  # one prefill consumes the armed span (and the prefix)
         reused = prefix[1] if prefix is not None else 0
+        joined: dict[str, Any] | None = None  # the whole prompt's rotary embeddings (every layer gets them)
         if prefix is not None:  # the whole prompt's layer K-1 input and rotary embeddings: stored + this pass
             state, _ = prefix
             hidden = torch.cat([state.hidden_in[:, :reused].to(hidden.dtype), hidden], dim=1)
-            kwargs = {**kwargs, **_joined_positions(kwargs, state, reused, hidden.shape[1])}
+            joined = _joined_positions(kwargs, state, reused, hidden.shape[1])
+            kwargs = {**kwargs, **joined}
         n = hidden.shape[1]
         if int(positions[-1]) >= n or (prefix is not None and int(positions[-1]) >= reused):
             start, end = int(positions[0]), int(positions[-1]) + 1
@@ -302,7 +305,7 @@ class InnerMergeHandle:
             }
         scores = _last_query_attention(module, hidden, kwargs, self.recipe.qk_norm)  # (n,)
         positions = positions.to(scores.device)
-        self._pending = (scores.index_select(0, positions), positions, n, prefix)
+        self._pending = (scores.index_select(0, positions), positions, n, prefix, joined)
         return None
 
     def _merge_hook(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
@@ -315,7 +318,7 @@ class InnerMergeHandle:
             state, reused = pending[3]
             if hidden.shape[1] + reused == pending[2]:
                 hidden = torch.cat([state.hidden_out[:, :reused].to(hidden.dtype), hidden], dim=1)
-                kwargs = {**kwargs, **_joined_positions(kwargs, state, reused, pending[2])}
+                kwargs = {**kwargs, **pending[4]}  # joined at layer K-1: the same for layer K
                 kwargs["attention_mask"] = _full_causal_mask(kwargs.get("attention_mask"), pending[2], self)
                 return self._merge(args, kwargs, hidden, *pending[:3], whole=True)
         if pending is not None and hidden.shape[1] == pending[2]:

@@ -35,6 +35,7 @@ from holitom_cli.models.base import (
     VideoAdapter,
     VisualSpan,
     VisualTokens,
+    check_turns,
     context_of,
     conversation,
     embeds_dtype,
@@ -188,10 +189,7 @@ class Qwen2_5_VL(VideoAdapter):
     def _render(self, question: str, history: Sequence[Turn] = ()) -> str:
         """Chat-template text with one ``<|vision_start|><|video_pad|><|vision_end|>`` before the (first)
         question; ``history``: earlier (question, answer) turns."""
-        for turn in history:
-            for text in turn:
-                if str(text).strip():
-                    self._check_question(str(text))  # no special token in an earlier turn either
+        check_turns(history, self._check_question)  # no special token in an earlier turn either
         messages = conversation(question, history, lambda q: [{"type": "video"}, {"type": "text", "text": q}])
         if getattr(self.tokenizer, "chat_template", None):
             try:
