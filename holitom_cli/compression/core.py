@@ -10,15 +10,10 @@ from dataclasses import dataclass
 import torch
 
 from holitom_cli.compression.config import HoliTomConfig
+from holitom_cli.compression.dpc import assign_clusters
 from holitom_cli.compression.memory import empty_output
 from holitom_cli.compression.plan import MergePlan, PlanParts, cluster_part, selection_part
-from holitom_cli.compression.spatial import (
-    cluster_dpc_knn,
-    dynamic_keep_count,
-    merge_clusters,
-    nearest_centre,
-    static_cluster_count,
-)
+from holitom_cli.compression.spatial import dynamic_keep_count, merge_assigned, static_cluster_count
 from holitom_cli.compression.temporal import Segmentation, segment_video, working_dtype
 
 __all__ = ["CompressionResult", "compress_video_tokens", "effective_ratio"]
@@ -103,10 +98,9 @@ def _static_tokens(
     if cluster_num == 0:
         return None
     means = segment_means(features, start, end, *buffers).index_select(0, static_pos)  # (n_s, C)
-    centres, dist = cluster_dpc_knn(means, cluster_num, min(cfg.dpc_k, cluster_num))
-    others, nearest = nearest_centre(dist, centres)  # the assignment merge_clusters makes
+    centres, others, nearest, _ = assign_clusters(means, cluster_num, min(cfg.dpc_k, cluster_num))
     part = cluster_part(static_pos, start, end, features.shape[1], centres, others, nearest, cfg.beta)
-    return merge_clusters(means, centres, dist, cfg.beta), static_pos[centres], part
+    return merge_assigned(means, centres, others, nearest, cfg.beta), static_pos[centres], part
 
 
 def _dynamic_tokens(

@@ -1,0 +1,251 @@
+"""DPC-KNN clustering (spec 4.3) with float64 decisions at float32 cost on the CPU (issue 13).
+
+The clusters depend on the (S, S) distances only through decisions: the order of the densities, the
+score cut that picks the centres, and the nearest centre of every other token. Two ways to the distances:
+
+* :func:`exact_distances`: a float64 Gram matrix (about 15 significant digits), returned as float32.
+* :func:`fast_distances`: a float32 Gram matrix of the centred tokens, about half the cost, with a bound
+  on how far each of its squared distances can be from the float64 one.
+
+:func:`cluster_dpc_knn` makes the decisions from the fast distances and keeps them when every one of them
+holds for *any* distances within the bound. A nearest-centre choice that is too close to call is
+recomputed from float64 for that token only; any other close call (two densities or the score cut within
+the bound of each other, in a way that can change a centre) recomputes the whole segment from
+:func:`exact_distances`. So the centres and the assignment are those of the float64 path (up to float64
+rounding), and the fast path is only taken on the CPU with float32 input; everything else uses float64.
+
+The bound is statistical, not worst case: ``ERROR_KAPPA u sqrt(C) (|x_i - m|^2 + max_j |x_j - m|^2) / C``
+(u = 2^-24, m the tokens' mean) on the squared scaled distance. On video-like features the largest error
+seen was 0.09 of the ``kappa = 1`` value over ~10^6 distances (the errors are sums of thousands of
+rounding errors, spread like a Gaussian with a standard deviation ~0.02 of it); ``ERROR_KAPPA = 0.5`` sits
+about 5x above that and 25 standard deviations out. ``tests/test_compression_dpc.py`` measures it again.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+
+__all__ = [
+    "ERROR_KAPPA",
+    "assign_clusters",
+    "cluster_dpc_knn",
+    "exact_distances",
+    "fast_distances",
+    "nearest_centre",
+]
+
+_U = 2.0**-24  # float32 unit roundoff
+#: Size of the statistical part of the float32 error bound (the Gram matrix's dot products), in units of
+#: ``u sqrt(C) (|x_i - m|^2 + max_j |x_j - m|^2) / C``.
+ERROR_KAPPA = 1.0
+#: The deterministic part, in units of ``u (|x_i - m|^2 + max_j |x_j - m|^2) / C``: the centring (4 u), the
+#: norms-minus-product formula (3 u) and the float32 distance's own rounding (4 u of D^2 <= 8 u).
+_ROUNDING = 16.0
+#: At most this many tokens of a segment get their distances recomputed in float64 to settle close calls
+#: of the density order or the score cut; more, and the whole segment is recomputed.
+MAX_EXACT_ROWS = 16
+
+
+def _upper_gram(x: torch.Tensor) -> torch.Tensor:
+    """(S, C) -> (S, S) upper triangle of ``x x^T`` (diagonal included, zeros below), multiplied out in
+    row blocks (10 of 16 block products for S >= 64)."""
+    num = x.shape[0]
+    step = -(-num // 4) if num >= 64 else max(num, 1)
+    gram = torch.zeros(num, num, dtype=x.dtype, device=x.device)
+    for i in range(0, num, step):
+        gram[i : i + step, i:] = x[i : i + step] @ x[i:].T  # rows i.. against rows i..S-1
+    return gram.triu()  # the diagonal blocks' lower parts are dropped
+
+
+def _scaled(upper: torch.Tensor, channels: int) -> torch.Tensor:
+    """Upper Gram triangle -> float32 distances / sqrt(C), mirrored (exactly symmetric), zero diagonal."""
+    sq_norm = upper.diagonal().clone()
+    gram = upper + upper.T  # the diagonal is doubled, and unused below
+    sq_dist = (sq_norm[:, None] + sq_norm[None, :] - 2 * gram).clamp_(min=0.0)
+    sq_dist.fill_diagonal_(0.0)
+    return (sq_dist.sqrt_() / math.sqrt(channels)).float()
+
+
+def exact_distances(x: torch.Tensor) -> torch.Tensor:
+    """(S, C) -> (S, S) float32 Euclidean distances divided by sqrt(C), from a float64 Gram matrix;
+    exactly symmetric (``D[i, j] == D[j, i]`` bit for bit: density ties must be exact ties), zero diagonal."""
+    return _scaled(_upper_gram(x.double()), x.shape[-1])
+
+
+def fast_distances(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(S, C) float32 -> (distances (S, S) float32 as :func:`exact_distances`, bound (S,)).
+
+    From the float32 Gram matrix of ``x - mean(x)`` (distances do not change; the smaller norms make the
+    rounding errors smaller). ``bound[i]`` bounds ``|D32[i, j]^2 - D64[i, j]^2|`` for every j (module
+    docstring; plus the rounding of the centring, ``4 u``).
+    """
+    channels = x.shape[-1]
+    centred = x - x.mean(0, keepdim=True)
+    upper = _upper_gram(centred)
+    sq_norm = upper.diagonal()
+    scale = _U * (ERROR_KAPPA * math.sqrt(channels) + _ROUNDING) / channels
+    bound = scale * (sq_norm + sq_norm.max())
+    return _scaled(upper, channels), bound
+
+
+def _relative_error(dist: torch.Tensor, bound: torch.Tensor) -> torch.Tensor:
+    """Bound on |D32 - D64| / D32 for distances ``dist`` whose squares are within ``bound`` of the
+    float64 ones: |a - b| <= E gives |sqrt(a) - sqrt(b)| <= E / sqrt(a); plus sqrt's and the division's
+    rounding."""
+    return bound / dist.square().clamp_min(1e-30) + 4 * _U
+
+
+class _Decisions(NamedTuple):
+    mean_sq: torch.Tensor  # (S,) mean squared distance to the k nearest (self included)
+    density: torch.Tensor  # (S,)
+    by_density: torch.Tensor  # (S,) tokens by density, descending, ties to the lower index
+    delta: torch.Tensor  # (S,) distance to the nearest denser token (the densest: the largest distance)
+    score: torch.Tensor  # (S,) delta * density
+    order: torch.Tensor  # (S,) tokens by score, descending, ties to the lower index
+    centres: torch.Tensor  # (K,) ascending
+
+
+def _decide(dist: torch.Tensor, cluster_num: int, k: int) -> _Decisions:
+    """Spec 4.3 on given distances; an exact density tie counts the lower index as denser (a
+    deterministic stand-in for the reference's random tie-break noise)."""
+    num = dist.shape[0]
+    knn = torch.topk(dist, k=min(k, num), dim=1, largest=False).values  # (S, k), includes self (0)
+    mean_sq = (knn**2).mean(dim=1)
+    density = torch.exp(-mean_sq)  # (S,)
+    by_density = torch.sort(density, descending=True, stable=True).indices
+    rank = torch.empty_like(by_density).scatter_(0, by_density, torch.arange(num, device=dist.device))
+    # j is denser than i iff it comes first in that order
+    to_denser = dist.masked_fill(rank[None, :] >= rank[:, None], math.inf).min(dim=1).values
+    delta = torch.where(torch.isinf(to_denser), dist.max(), to_denser)  # (S,)
+    score = delta * density
+    order = torch.sort(score, descending=True, stable=True).indices  # ties: lower index first
+    return _Decisions(
+        mean_sq, density, by_density, delta, score, order, torch.sort(order[:cluster_num]).values
+    )
+
+
+def _unsettled(d: _Decisions, dist: torch.Tensor, bound: torch.Tensor, k: int) -> torch.Tensor | None:
+    """None if the density order and the score cut hold for every distance matrix within ``bound``; else
+    the tokens whose decisions are too close to call (their rows, in float64, settle them)."""
+    num, cluster_num = dist.shape[0], d.centres.numel()
+    if cluster_num == num:
+        return None  # every token is a centre
+    # density, relative: |Δ mean_sq| <= bound (order statistics move no more than the values), plus
+    # rounding; with k = 1 every density is exp(0) = 1 exactly on both paths
+    r_density = bound + 8 * _U * (1 + d.mean_sq) if k > 1 else torch.zeros_like(bound)
+    r_delta = 2 * _relative_error(d.delta, bound)  # a minimum over the row: twice the entry's bound
+    rho, r_rho = d.density[d.by_density], r_density[d.by_density]
+    low, high = rho * (1 - r_rho), rho * (1 + r_rho)
+    close = low[:-1] <= high[1:]  # neighbours in the density order that may swap
+    if bool(close.any()):
+        if bool(close[0]) or bool((low[:-2] <= high[2:]).any()):  # the densest may change, or a band of 3+
+            return d.by_density[torch.cat([close, close[-1:]]) | torch.cat([close[:1], close])]
+        a, b = d.by_density[:-1][close], d.by_density[1:][close]  # a is denser than b today
+        d_ab = dist[a, b]
+        reach = d_ab * (1 - _relative_error(d_ab, torch.maximum(bound[a], bound[b])))
+        # a swap matters only if a is (nearly) b's nearest denser token, or b would be a's
+        matters = reach <= torch.maximum(d.delta[a] * (1 + r_delta[a]), d.delta[b] * (1 + r_delta[b]))
+        if bool(matters.any()):
+            return torch.cat([a[matters], b[matters]])
+    r_score = r_delta + r_density
+    low, high = d.score * (1 - r_score), d.score * (1 + r_score)
+    top, rest = d.order[:cluster_num], d.order[cluster_num:]
+    floor, ceiling = low[top].min(), high[rest].max()
+    if bool(floor > ceiling):
+        return None
+    return torch.cat([top[low[top] <= ceiling], rest[high[rest] >= floor]])  # the tokens around the cut
+
+
+def _exact_rows(x: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """(R, Q) float32 distances / sqrt(C) of tokens ``rows`` to tokens ``cols``, from float64."""
+    a, b = x.index_select(0, rows).double(), x.index_select(0, cols).double()
+    sq_dist = (a * a).sum(1)[:, None] + (b * b).sum(1)[None, :] - 2 * (a @ b.T)
+    dist = (sq_dist.clamp_(min=0.0).sqrt_() / math.sqrt(x.shape[-1])).float()
+    return dist.masked_fill_(rows[:, None] == cols[None, :], 0.0)
+
+
+def nearest_centre(dist: torch.Tensor, centres: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The non-centre tokens and the cluster each joins.
+
+    Args:
+        dist: (S, S) from :func:`cluster_dpc_knn`; centres: (K,) long ascending.
+    Returns:
+        others (S-K,) long ascending, the non-centre tokens; nearest (S-K,) long, the slot 0..K-1 of each
+        one's nearest centre (first on ties). No host synchronisation.
+    """
+    num = dist.shape[0]
+    is_centre = torch.zeros(num, dtype=torch.bool, device=dist.device)
+    is_centre[centres] = True
+    others = torch.nonzero_static(~is_centre, size=num - centres.numel()).squeeze(1)  # (S-K,), no sync
+    to_centres = dist.index_select(0, others).index_select(1, centres)  # (S-K, K)
+    return others, to_centres.argmin(dim=1)
+
+
+def _fast_nearest(
+    x: torch.Tensor, dist: torch.Tensor, bound: torch.Tensor, centres: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`nearest_centre` on fast distances: a token whose two nearest centres are within the bound
+    of each other has its distances to the centres recomputed from float64 (written into ``dist``)."""
+    num, cluster_num = dist.shape[0], centres.numel()
+    is_centre = torch.zeros(num, dtype=torch.bool, device=dist.device)
+    is_centre[centres] = True
+    others = torch.nonzero_static(~is_centre, size=num - cluster_num).squeeze(1)  # (S-K,)
+    if cluster_num == 1 or cluster_num == num:
+        return others, torch.zeros_like(others)
+    two, slot = torch.topk(dist.index_select(0, others).index_select(1, centres), 2, dim=1, largest=False)
+    error = _relative_error(two, bound[others, None])  # (S-K, 2)
+    nearest = slot[:, 0]  # the argmin wherever the two nearest cannot swap
+    close = (two[:, 1] * (1 - error[:, 1]) <= two[:, 0] * (1 + error[:, 0])).nonzero().squeeze(1)
+    if close.numel():
+        rows = others[close]
+        exact = _exact_rows(x, rows, centres)  # (R, K)
+        dist[rows[:, None], centres[None, :]] = exact
+        dist[centres[:, None], rows[None, :]] = exact.T
+        nearest[close] = exact.argmin(dim=1)  # first on ties
+    return others, nearest
+
+
+def assign_clusters(
+    x: torch.Tensor, cluster_num: int, k: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """DPC-KNN centres and the nearest centre of every other token (spec 4.3).
+
+    Args:
+        x: (S, C) tokens.
+        cluster_num: number of centres, 1 <= cluster_num <= S.
+        k: neighbours for the density (callers pass ``min(dpc_k, cluster_num)``); the token itself counts.
+    Returns:
+        centres (K,) long ascending; others (S-K,) long ascending, the non-centres; nearest (S-K,) long,
+        the slot 0..K-1 of each one's nearest centre (first on ties); dist (S, S) float32 scaled
+        distances, exactly symmetric, by which ``nearest`` is the nearest centre.
+    """
+    num = x.shape[0]
+    if not 1 <= cluster_num <= num:
+        raise ValueError(f"cluster_num must be in [1, {num}], got {cluster_num}")
+    if x.device.type == "cpu" and x.dtype == torch.float32:
+        dist, bound = fast_distances(x)
+        d = _decide(dist, cluster_num, k)
+        close = _unsettled(d, dist, bound, k)
+        if close is not None and close.numel() <= MAX_EXACT_ROWS:  # settle them from float64, once
+            rows = torch.unique(close)
+            exact = _exact_rows(x, rows, torch.arange(num, device=x.device))  # (R, S)
+            dist[rows] = exact
+            dist[:, rows] = exact.T
+            bound = bound.index_fill(0, rows, 0.0)  # those rows are now the float64 ones
+            d = _decide(dist, cluster_num, k)
+            close = _unsettled(d, dist, bound, k)
+        if close is None:
+            return (d.centres, *_fast_nearest(x, dist, bound, d.centres), dist)
+    dist = exact_distances(x)
+    centres = _decide(dist, cluster_num, k).centres
+    return centres, *nearest_centre(dist, centres), dist
+
+
+def cluster_dpc_knn(x: torch.Tensor, cluster_num: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Density-peak clustering with k-nearest-neighbour density (spec 4.3): (centres (K,) long ascending,
+    dist (S, S) float32 scaled distances); see :func:`assign_clusters`."""
+    centres, _, _, dist = assign_clusters(x, cluster_num, k)
+    return centres, dist

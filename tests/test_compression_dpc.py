@@ -1,0 +1,163 @@
+"""DPC-KNN's float32 path with checked decisions (compression/dpc.py) against the float64 path.
+
+The float64 path (:func:`exact_distances` + the same decision code) is the independent computation: the fast
+path must give the same centres and the same nearest centre for every token, and its error bound must hold
+with room to spare on the kinds of input the outer stage sees.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from holitom_cli.compression import dpc
+
+
+def float64_clusters(x: torch.Tensor, cluster_num: int, k: int):
+    dist = dpc.exact_distances(x)
+    centres = dpc._decide(dist, cluster_num, k).centres
+    return (centres, *dpc.nearest_centre(dist, centres))
+
+
+def video_like_tokens(seed: int, num: int = 150, channels: int = 3584, offset: float = 3.0) -> torch.Tensor:
+    """Static-token means of one segment: a shared offset (real projected features have one), a few groups of
+    similar positions and per-position noise, averaged over frames, as the outer stage computes them."""
+    g = torch.Generator().manual_seed(seed)
+    shared = offset * torch.randn(channels, generator=g)
+    groups = torch.randn(8, channels, generator=g)
+    member = torch.randint(0, 8, (num,), generator=g)
+    frames = shared + groups[member] + 0.6 * torch.randn(num, channels, generator=g)
+    frames = frames[None] + 0.2 * torch.randn(6, num, channels, generator=g)  # 6 frames
+    return frames.bfloat16().float().mean(0)
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("ratio", [0.1, 0.3, 0.6])
+def test_fast_path_decides_like_float64(seed: int, ratio: float) -> None:
+    x = video_like_tokens(seed)
+    cluster_num = round(x.shape[0] * ratio)
+    k = min(7, cluster_num)
+    centres, others, nearest, dist = dpc.assign_clusters(x, cluster_num, k)
+    expected = float64_clusters(x, cluster_num, k)
+    assert torch.equal(centres, expected[0])
+    assert torch.equal(others, expected[1])
+    assert torch.equal(nearest, expected[2])
+    assert torch.equal(dist, dist.T)
+    assert torch.equal(dist.diagonal(), torch.zeros(x.shape[0]))
+    # the distances are the float64 ones to float32-Gram accuracy
+    torch.testing.assert_close(dist, dpc.exact_distances(x), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    ("name", "make"),
+    [
+        ("video-like", lambda g: video_like_tokens(int(g.initial_seed()))),
+        ("large offset", lambda g: 50.0 + torch.randn(120, 3584, generator=g)),
+        ("low rank", lambda g: torch.randn(140, 4, generator=g) @ torch.randn(4, 3584, generator=g)),
+        (
+            "near duplicates",
+            lambda g: torch.randn(1, 896, generator=g) + 1e-3 * torch.randn(90, 896, generator=g),
+        ),
+        ("non-negative", lambda g: torch.rand(160, 1152, generator=g)),
+        ("small C", lambda g: torch.randn(60, 24, generator=g)),
+    ],
+)
+def test_error_bound_holds_with_room(name: str, make) -> None:
+    """|D32^2 - D64^2| stays below half the bound (the bound sits well above the largest error seen; half
+    keeps a margin of at least 2x tested)."""
+    worst = 0.0
+    for seed in range(3):
+        x = make(torch.Generator().manual_seed(seed)).float()
+        dist, bound = dpc.fast_distances(x)
+        x64 = x.double()
+        exact_sq = torch.cdist(x64, x64).square() / x.shape[1]  # float64, independent of both paths
+        error = (dist.double().square() - exact_sq).abs()
+        worst = max(worst, float((error / bound.double()[:, None]).max()))
+    print(f"{name}: largest error {worst:.3f} of the bound")
+    assert worst < 0.5, f"{name}: the float32 error reached {worst:.2f} of the bound"
+
+
+def test_exact_duplicates_fall_back_to_float64(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Duplicated tokens tie in density: too close to call in float32, so the segment runs in float64."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(80, 3584, generator=g)
+    x[40:] = x[:40]  # every token twice
+    calls = []
+    monkeypatch.setattr(dpc, "exact_distances", lambda t: calls.append(1) or _exact(t))
+    centres, others, nearest, _ = dpc.assign_clusters(x, 20, 7)
+    assert calls, "the fast path kept decisions it could not be sure of"
+    expected = float64_clusters(x, 20, 7)
+    assert [centres.tolist(), others.tolist(), nearest.tolist()] == [t.tolist() for t in expected]
+
+
+_exact = dpc.exact_distances
+
+
+def test_a_token_between_two_centres_is_decided_in_float64(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A token halfway between two centres: float32 cannot tell which is nearer, so its distances to the
+    centres are recomputed from float64, and it joins the centre the float64 path picks."""
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(30, 512, generator=g) * 4
+    centres = torch.tensor([3, 11, 20])
+    x[29] = (x[3] + x[11]) / 2  # equidistant, up to rounding
+    rows = []
+    real = dpc._exact_rows
+    monkeypatch.setattr(dpc, "_exact_rows", lambda a, r, c: rows.append(r.tolist()) or real(a, r, c))
+    dist, bound = dpc.fast_distances(x)
+    others, nearest = dpc._fast_nearest(x, dist, bound, centres)
+    expected = dpc.nearest_centre(dpc.exact_distances(x), centres)
+    assert rows and 29 in rows[0] and len(rows[0]) < 5, rows
+    assert others.tolist() == expected[0].tolist()
+    assert nearest.tolist() == expected[1].tolist()
+    assert torch.equal(dist, dist.T)
+
+
+@pytest.mark.parametrize("kappa", [0.0, 1e4])
+def test_any_bound_gives_the_float64_result(monkeypatch: pytest.MonkeyPatch, kappa: float) -> None:
+    """kappa = 0 trusts float32 up to rounding, a huge kappa sends every segment to float64: on well-separated
+    tokens both must agree with float64 (the checks decide only whether to recompute)."""
+    monkeypatch.setattr(dpc, "ERROR_KAPPA", kappa)
+    x = video_like_tokens(3, num=100)
+    got = dpc.assign_clusters(x, 30, 7)
+    assert [t.tolist() for t in got[:3]] == [t.tolist() for t in float64_clusters(x, 30, 7)]
+
+
+def test_float64_input_uses_the_exact_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_fast_path(_: torch.Tensor):
+        raise AssertionError("float64 input took the float32 path")
+
+    monkeypatch.setattr(dpc, "fast_distances", no_fast_path)
+    x = torch.randn(30, 64, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    centres, dist = dpc.cluster_dpc_knn(x, 5, 5)
+    assert dist.dtype == torch.float32
+    assert centres.tolist() == float64_clusters(x, 5, 5)[0].tolist()
+
+
+@pytest.mark.parametrize(("num", "cluster_num"), [(1, 1), (5, 1), (5, 5), (9, 2)])
+def test_edge_cluster_counts(num: int, cluster_num: int) -> None:
+    x = torch.randn(num, 32, generator=torch.Generator().manual_seed(num))
+    got = dpc.assign_clusters(x, cluster_num, min(7, cluster_num))
+    assert [t.tolist() for t in got[:3]] == [
+        t.tolist() for t in float64_clusters(x, cluster_num, min(7, cluster_num))
+    ]
+    assert math.isclose(float(got[3].max()), float(dpc.exact_distances(x).max()), rel_tol=1e-4)
+
+
+def test_close_density_calls_are_settled_on_float64_rows(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A few close calls in the density order or at the score cut: only those tokens' rows are recomputed
+    in float64 (no whole-segment fallback), and the result is the float64 one."""
+    x = video_like_tokens(0)
+    cluster_num = round(x.shape[0] * 0.6)
+    rows, fallbacks = [], []
+    real_rows, real_exact = dpc._exact_rows, dpc.exact_distances
+    monkeypatch.setattr(
+        dpc, "_exact_rows", lambda a, r, c: rows.append((r.numel(), c.numel())) or real_rows(a, r, c)
+    )
+    monkeypatch.setattr(dpc, "exact_distances", lambda t: fallbacks.append(1) or real_exact(t))
+    got = dpc.assign_clusters(x, cluster_num, 7)
+    assert not fallbacks
+    assert rows and rows[0][1] == x.shape[0] and rows[0][0] <= dpc.MAX_EXACT_ROWS
+    monkeypatch.setattr(dpc, "exact_distances", real_exact)
+    assert [t.tolist() for t in got[:3]] == [t.tolist() for t in float64_clusters(x, cluster_num, 7)]
