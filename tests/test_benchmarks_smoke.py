@@ -5,7 +5,8 @@
 - the synthetic features have the temporal structure they claim (cuts, moving object, slow drift);
 - the Pillow chart draws bars whose lengths follow the data;
 - the end-to-end script runs on the tiny random model (2 frames, 1 repeat) and writes its outputs, and on
-  the tiny Qwen2.5-VL / Qwen3-VL shapes it builds itself (``--shape``), through the ordinary loader.
+  the tiny Qwen2.5-VL / Qwen3-VL shapes it builds itself (``--shape``), through the ordinary loader;
+- the DPC-KNN agreement script compares both distance paths on a short video and finds no difference.
 """
 
 from __future__ import annotations
@@ -343,3 +344,20 @@ def test_vs_reference_agrees_with_the_official_code(tmp_path: Path) -> None:
     for row in data["rows"]:
         assert row.get("plan_equal", True) and row.get("joins_equal", True), row
         assert row["max_abs_diff"] < 1e-5
+
+
+# ------------------------------------------------------------------------------------------ DPC-KNN paths
+def test_dpc_agreement_runs_and_finds_no_difference(tmp_path: Path) -> None:
+    from benchmarks import dpc_agreement
+
+    data = dpc_agreement.main(
+        ["--seeds", "1", "--frames", "12", "--channels", "2048", "--presets", "balanced", "--dtypes",
+         "bfloat16", "--repeats", "1", "--out", str(tmp_path)]
+    )  # fmt: skip
+    (row,) = data["rows"]
+    assert row["segments"] >= 1 and row["differ"] == 0
+    assert row["rows_settled"] + row["recomputed"] <= row["segments"]
+    assert row["float64_ms"] > 0 and row["checked_ms"] > 0
+    saved = json.loads((tmp_path / "dpc_agreement.json").read_text())
+    assert saved["rows"][0]["segments"] == row["segments"]
+    assert "| bfloat16 | balanced | 12 | 2,048 |" in (tmp_path / "dpc_agreement.md").read_text()

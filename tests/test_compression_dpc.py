@@ -124,19 +124,23 @@ def test_any_bound_gives_the_float64_result(monkeypatch: pytest.MonkeyPatch, kap
     assert [t.tolist() for t in got[:3]] == [t.tolist() for t in float64_clusters(x, 30, 7)]
 
 
-def test_float64_input_uses_the_exact_path(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize(("dtype", "channels"), [(torch.float64, 2048), (torch.float32, 896)])
+def test_float64_input_and_narrow_tokens_use_the_exact_path(
+    monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype, channels: int
+) -> None:
     def no_fast_path(_: torch.Tensor):
-        raise AssertionError("float64 input took the float32 path")
+        raise AssertionError("took the float32 path")
 
     monkeypatch.setattr(dpc, "fast_distances", no_fast_path)
-    x = torch.randn(30, 64, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    x = torch.randn(30, channels, dtype=dtype, generator=torch.Generator().manual_seed(0))
     centres, dist = dpc.cluster_dpc_knn(x, 5, 5)
     assert dist.dtype == torch.float32
     assert centres.tolist() == float64_clusters(x, 5, 5)[0].tolist()
 
 
 @pytest.mark.parametrize(("num", "cluster_num"), [(1, 1), (5, 1), (5, 5), (9, 2)])
-def test_edge_cluster_counts(num: int, cluster_num: int) -> None:
+def test_edge_cluster_counts(monkeypatch: pytest.MonkeyPatch, num: int, cluster_num: int) -> None:
+    monkeypatch.setattr(dpc, "FAST_MIN_CHANNELS", 0)  # the checked path at C = 32
     x = torch.randn(num, 32, generator=torch.Generator().manual_seed(num))
     got = dpc.assign_clusters(x, cluster_num, min(7, cluster_num))
     assert [t.tolist() for t in got[:3]] == [

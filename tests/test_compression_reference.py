@@ -138,6 +138,16 @@ CASES = [
 ]
 
 
+@pytest.fixture(params=["float64", "checked float32"], autouse=True)
+def dpc_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Every test runs with both DPC-KNN distance paths (these small test widths would otherwise always
+    take the float64 one; see compression/dpc.py)."""
+    from holitom_cli.compression import dpc
+
+    monkeypatch.setattr(dpc, "FAST_MIN_CHANNELS", 10**9 if request.param == "float64" else 0)
+    return request.param
+
+
 @pytest.mark.parametrize(("seed", "retain", "tau", "window"), CASES)
 def test_vectorised_matches_loop_reference(seed: int, retain: float, tau: float, window: int) -> None:
     features, attention = scene_video(seed, frames=6 + seed % 4, num=25 + 11 * (seed % 3), dim=6)
