@@ -3,22 +3,24 @@
 The clusters depend on the (S, S) distances only through decisions: the order of the densities, the
 score cut that picks the centres, and the nearest centre of every other token. Two ways to the distances:
 
-* :func:`exact_distances`: a float64 Gram matrix (about 15 significant digits), returned as float32.
+* :func:`exact_distances`: a float64 Gram matrix of the centred tokens (about 15 significant digits),
+  returned as float32.
 * :func:`fast_distances`: a float32 Gram matrix of the centred tokens, about half the cost, with a bound
   on how far each of its squared distances can be from the float64 one.
 
-:func:`cluster_dpc_knn` makes the decisions from the fast distances and keeps them when every one of them
-holds for *any* distances within the bound. A nearest-centre choice that is too close to call is
-recomputed from float64 for that token only; any other close call (two densities or the score cut within
-the bound of each other, in a way that can change a centre) recomputes the whole segment from
-:func:`exact_distances`. So the centres and the assignment are those of the float64 path (up to float64
-rounding), and the fast path is only taken on the CPU with float32 input; everything else uses float64.
+:func:`assign_clusters` makes the decisions from the fast distances and keeps them when every one of them
+holds for *any* distances within the bound. Close calls in the density order or at the score cut are
+settled by recomputing the rows of the tokens involved from float64 (at most ``MAX_EXACT_ROWS``) and
+deciding again; a nearest-centre choice too close to call is recomputed from float64 for that token only;
+anything else (more close calls, still close after the float64 rows, densities or scores below float32's
+normal range) recomputes the whole segment with :func:`exact_distances`. So the centres and the
+assignment are those of the float64 path, up to float64 rounding and the bound's statistical assumption.
+The fast path is taken on the CPU for float32 tokens of at least ``FAST_MIN_CHANNELS`` channels.
 
-The bound is statistical, not worst case: ``ERROR_KAPPA u sqrt(C) (|x_i - m|^2 + max_j |x_j - m|^2) / C``
-(u = 2^-24, m the tokens' mean) on the squared scaled distance. On video-like features the largest error
-seen was 0.09 of the ``kappa = 1`` value over ~10^6 distances (the errors are sums of thousands of
-rounding errors, spread like a Gaussian with a standard deviation ~0.02 of it); ``ERROR_KAPPA = 0.5`` sits
-about 5x above that and 25 standard deviations out. ``tests/test_compression_dpc.py`` measures it again.
+The bound on the squared scaled distances of row i is ``u (ERROR_KAPPA sqrt(C) + 16) (|x_i - m|^2 +
+max_j |x_j - m|^2) / C`` (u = 2^-24, m the tokens' mean). The ``sqrt(C)`` part is statistical, not worst
+case (the Gram errors are sums of thousands of rounding errors); the 16 covers the deterministic
+roundings. ``tests/test_compression_dpc.py`` measures the errors against it on several input families.
 """
 
 from __future__ import annotations
@@ -38,6 +40,8 @@ __all__ = [
 ]
 
 _U = 2.0**-24  # float32 unit roundoff
+_TINY = torch.finfo(torch.float32).tiny  # smallest normal float32
+_WHOLE = torch.arange(1 << 20)  # "recompute the whole segment": more tokens than any segment has
 #: Size of the statistical part of the float32 error bound (the Gram matrix's dot products), in units of
 #: ``u sqrt(C) (|x_i - m|^2 + max_j |x_j - m|^2) / C``.
 ERROR_KAPPA = 1.0
@@ -72,10 +76,18 @@ def _scaled(upper: torch.Tensor, channels: int) -> torch.Tensor:
     return (sq_dist.sqrt_() / math.sqrt(channels)).float()
 
 
+def _centred64(x: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+    """``x`` (or its ``rows``) in float64 minus the tokens' mean: translating changes no distance, and
+    without the common offset the Gram matrix's cancellation error is far smaller."""
+    mean = x.mean(0, keepdim=True).double()
+    return (x if rows is None else x.index_select(0, rows)).double() - mean
+
+
 def exact_distances(x: torch.Tensor) -> torch.Tensor:
-    """(S, C) -> (S, S) float32 Euclidean distances divided by sqrt(C), from a float64 Gram matrix;
-    exactly symmetric (``D[i, j] == D[j, i]`` bit for bit: density ties must be exact ties), zero diagonal."""
-    return _scaled(_upper_gram(x.double()), x.shape[-1])
+    """(S, C) -> (S, S) float32 Euclidean distances divided by sqrt(C), from a float64 Gram matrix of the
+    centred tokens; exactly symmetric (``D[i, j] == D[j, i]`` bit for bit: density ties must be exact ties),
+    zero diagonal."""
+    return _scaled(_upper_gram(_centred64(x)), x.shape[-1])
 
 
 def fast_distances(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -132,10 +144,13 @@ def _decide(dist: torch.Tensor, cluster_num: int, k: int) -> _Decisions:
 
 def _unsettled(d: _Decisions, dist: torch.Tensor, bound: torch.Tensor, k: int) -> torch.Tensor | None:
     """None if the density order and the score cut hold for every distance matrix within ``bound``; else
-    the tokens whose decisions are too close to call (their rows, in float64, settle them)."""
+    the tokens whose decisions are too close to call (their rows, in float64, settle them), or ``_WHOLE``
+    when only the whole float64 matrix can."""
     num, cluster_num = dist.shape[0], d.centres.numel()
     if cluster_num == num:
         return None  # every token is a centre
+    if (k > 1 and bool(d.density.min() < _TINY)) or bool(d.score.min() < _TINY):
+        return _WHOLE  # below float32's normal range one rounding step is not a relative error any more
     # density, relative: |Δ mean_sq| <= bound (order statistics move no more than the values), plus
     # rounding; with k = 1 every density is exp(0) = 1 exactly on both paths
     r_density = bound + 8 * _U * (1 + d.mean_sq) if k > 1 else torch.zeros_like(bound)
@@ -163,8 +178,9 @@ def _unsettled(d: _Decisions, dist: torch.Tensor, bound: torch.Tensor, k: int) -
 
 
 def _exact_rows(x: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
-    """(R, Q) float32 distances / sqrt(C) of tokens ``rows`` to tokens ``cols``, from float64."""
-    a, b = x.index_select(0, rows).double(), x.index_select(0, cols).double()
+    """(R, Q) float32 distances / sqrt(C) of tokens ``rows`` to tokens ``cols``, from float64 (centred as in
+    :func:`exact_distances`)."""
+    a, b = _centred64(x, rows), _centred64(x, cols)
     sq_dist = (a * a).sum(1)[:, None] + (b * b).sum(1)[None, :] - 2 * (a @ b.T)
     dist = (sq_dist.clamp_(min=0.0).sqrt_() / math.sqrt(x.shape[-1])).float()
     return dist.masked_fill_(rows[:, None] == cols[None, :], 0.0)
@@ -235,6 +251,8 @@ def assign_clusters(
         if close is not None and close.numel() <= MAX_EXACT_ROWS:  # settle them from float64, once
             rows = torch.unique(close)
             exact = _exact_rows(x, rows, torch.arange(num, device=x.device))  # (R, S)
+            block = exact[:, rows]  # (R, R): (i, j) and (j, i) were computed apart; keep one of each pair
+            exact[:, rows] = block.triu() + block.triu(1).T
             dist[rows] = exact
             dist[:, rows] = exact.T
             bound = bound.index_fill(0, rows, 0.0)  # those rows are now the float64 ones
