@@ -48,8 +48,8 @@ ERROR_KAPPA = 1.0
 #: The deterministic part, in units of ``u (|x_i - m|^2 + max_j |x_j - m|^2) / C``: the centring (4 u), the
 #: norms-minus-product formula (3 u) and the float32 distance's own rounding (4 u of D^2 <= 8 u).
 _ROUNDING = 16.0
-#: The float32 path is taken from this many channels up; below, the float64 Gram matrix costs less than
-#: the checks (measured on a 2-core CPU: slower at C = 896, faster from C = 2048).
+#: The float32 path is taken from this many channels up; below, the float64 Gram matrix costs no more than
+#: the checks (2-core CPU, DPC-KNN step: 0.95x at C = 896, about even at 1536-2048, 1.2-1.4x at 3584).
 FAST_MIN_CHANNELS = 1536
 #: At most this many tokens of a segment get their distances recomputed in float64 to settle close calls
 #: of the density order or the score cut; more, and the whole segment is recomputed.
