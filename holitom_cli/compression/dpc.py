@@ -41,7 +41,7 @@ __all__ = [
 
 _U = 2.0**-24  # float32 unit roundoff
 _TINY = torch.finfo(torch.float32).tiny  # smallest normal float32
-_WHOLE = torch.arange(1 << 20)  # "recompute the whole segment": more tokens than any segment has
+_WHOLE = torch.empty(0, dtype=torch.long)  # sentinel of _unsettled: "recompute the whole segment"
 #: Size of the statistical part of the float32 error bound (the Gram matrix's dot products), in units of
 #: ``u sqrt(C) (|x_i - m|^2 + max_j |x_j - m|^2) / C``.
 ERROR_KAPPA = 1.0
@@ -248,7 +248,7 @@ def assign_clusters(
         dist, bound = fast_distances(x)
         d = _decide(dist, cluster_num, k)
         close = _unsettled(d, dist, bound, k)
-        if close is not None and close.numel() <= MAX_EXACT_ROWS:  # settle them from float64, once
+        if close is not None and close is not _WHOLE and close.numel() <= MAX_EXACT_ROWS:  # settle, once
             rows = torch.unique(close)
             exact = _exact_rows(x, rows, torch.arange(num, device=x.device))  # (R, S)
             block = exact[:, rows]  # (R, R): (i, j) and (j, i) were computed apart; keep one of each pair
