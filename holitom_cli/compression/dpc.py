@@ -94,9 +94,8 @@ def fast_distances(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(S, C) float32 -> (distances (S, S) float32 as :func:`exact_distances`, bound (S,)).
 
     From the float32 Gram matrix of ``x - mean(x)`` (distances do not change; the smaller norms make the
-    rounding errors smaller). ``bound[i]`` bounds ``|D32[i, j]^2 - D64[i, j]^2|`` for every j (module
-    docstring; plus the rounding of the centring, ``4 u``).
-    """
+    rounding errors smaller). ``bound[i]`` bounds ``|D32[i, j]^2 - D64[i, j]^2|`` for every j, D64 being
+    :func:`exact_distances` (see the module docstring and ``ERROR_KAPPA``, ``_ROUNDING``)."""
     channels = x.shape[-1]
     centred = x - x.mean(0, keepdim=True)
     upper = _upper_gram(centred)
