@@ -534,14 +534,18 @@ def render_merge_gif(
 
 
 # -- saving ----------------------------------------------------------------------------------------------
-def check_output_path(path: str | os.PathLike[str], *, gif: bool = False) -> Path:
-    """Validate an output path before any heavy work; raises :class:`HolitomError` with a hint."""
+def check_output_path(path: str | os.PathLike[str], *, gif: bool = False, gif_flag: bool = True) -> Path:
+    """Validate an output path before any heavy work; raises :class:`HolitomError` with a hint.
+
+    ``gif_flag``: the command has a ``--gif`` option (``inspect``); otherwise (``ask --explain``, chat's
+    ``/explain``) a ``.gif`` name is what asks for an animation, and the hint says so.
+    """
     out = Path(path).expanduser()
     want = ".gif" if gif else ".png"
     if out.suffix.lower() != want:
-        hint = f"name the file with a {want} extension, e.g. merge-map{want}" + (
-            "" if gif else " (or add --gif for an animated .gif)"
-        )
+        animated = (" (or add --gif for an animated .gif)" if gif_flag
+                    else " (or end it in .gif for an animation)")  # fmt: skip
+        hint = f"name the file with a {want} extension, e.g. merge-map{want}" + ("" if gif else animated)
         raise HolitomError(f"cannot write the merge map to '{path}': the file must end in {want}", hint=hint)
     if out.is_dir():
         raise HolitomError(f"cannot write the merge map to '{path}': it is a folder", hint="give a file name")

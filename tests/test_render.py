@@ -242,6 +242,16 @@ def test_bad_output_paths(tmp_path, name, gif, match):
     assert not (tmp_path / name).is_file()
 
 
+@pytest.mark.parametrize(
+    ("gif_flag", "hint"), [(True, "add --gif"), (False, "end it in .gif for an animation")]
+)
+def test_wrong_extension_hint_names_what_the_command_offers(tmp_path, gif_flag, hint):
+    """inspect has a --gif option; ask --explain and chat's /explain choose the animation by the name."""
+    with pytest.raises(HolitomError) as info:
+        render.check_output_path(tmp_path / "m.jpg", gif_flag=gif_flag)
+    assert hint in info.value.hint
+
+
 def test_module_does_not_import_torch():
     code = "import sys, holitom_cli.render; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

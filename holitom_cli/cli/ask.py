@@ -192,7 +192,7 @@ def ask_command(
     if explain is not None:
         from holitom_cli.render import check_output_path
 
-        check_output_path(explain, gif=gif)
+        check_output_path(explain, gif=gif, gif_flag=False)
 
     from holitom_cli.cli.report import prepare_with_progress, stderr_console
 

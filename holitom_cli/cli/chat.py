@@ -318,7 +318,7 @@ class ChatSession:
 
         path = Path(arg).expanduser()
         gif = path.suffix.lower() == ".gif"
-        check_output_path(path, gif=gif)
+        check_output_path(path, gif=gif, gif_flag=False)
         result = self.pipe.compress(self.prepared, self.cfg) if self.cfg is not None else None
         full, ours = self.pipe.paper_flops(self.prepared, self.cfg, result)
         model = self.pipe.model
