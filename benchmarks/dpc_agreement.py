@@ -3,7 +3,8 @@
 For every multi-frame segment of ``benchmarks.synthetic`` videos (several seeds, frame counts, dtypes and
 presets), the static tokens' means are clustered twice, side by side on the same tensor:
 
-- ``float64``: ``exact_distances`` + the decisions + ``nearest_centre`` (the path used before issue 13);
+- ``float64``: ``exact_clusters`` (``exact_distances``, the decisions, ``nearest_centre``: the path used
+  before issue 13);
 - ``checked``: ``assign_clusters`` (float32 Gram matrix of the centred tokens, decisions checked against
   the error bound, close calls from float64 rows or the whole segment).
 
@@ -86,16 +87,8 @@ class Counting:
         return self._whole(x)
 
 
-def float64_path(x: torch.Tensor, cluster_num: int, k: int):
-    from holitom_cli.compression import dpc
-
-    dist = dpc.exact_distances(x)
-    centres = dpc._decide(dist, cluster_num, k).centres
-    return (centres, *dpc.nearest_centre(dist, centres))
-
-
 def measure(args) -> dict[str, Any]:
-    from holitom_cli.compression.dpc import assign_clusters
+    from holitom_cli.compression.dpc import assign_clusters, exact_clusters
 
     rows = []
     for dtype_name in args.dtypes:
@@ -108,7 +101,7 @@ def measure(args) -> dict[str, Any]:
                            "float64_ms": 0.0, "checked_ms": 0.0}  # fmt: skip
                     for seed in range(args.seeds):
                         for x, clusters, k in segment_inputs(frames, channels, dtype, seed, preset):
-                            expected = float64_path(x, clusters, k)
+                            expected = exact_clusters(x, clusters, k)[:3]
                             with Counting() as count:
                                 got = assign_clusters(x, clusters, k)[:3]
                             same = all(torch.equal(a, b) for a, b in zip(got, expected, strict=True))
@@ -118,7 +111,7 @@ def measure(args) -> dict[str, Any]:
                             row["recomputed"] += int(count.whole > 0)
                             best = [float("inf"), float("inf")]
                             for _ in range(args.repeats):  # interleaved
-                                for i, fn in enumerate((float64_path, assign_clusters)):
+                                for i, fn in enumerate((exact_clusters, assign_clusters)):
                                     t = time.perf_counter()
                                     fn(x, clusters, k)
                                     best[i] = min(best[i], time.perf_counter() - t)

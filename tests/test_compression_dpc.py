@@ -16,9 +16,8 @@ from holitom_cli.compression import dpc
 
 
 def float64_clusters(x: torch.Tensor, cluster_num: int, k: int):
-    dist = dpc.exact_distances(x)
-    centres = dpc._decide(dist, cluster_num, k).centres
-    return (centres, *dpc.nearest_centre(dist, centres))
+    """(centres, others, nearest) of the float64 path, the one used before the float32 path existed."""
+    return dpc.exact_clusters(x, cluster_num, k)[:3]
 
 
 def video_like_tokens(seed: int, num: int = 150, channels: int = 3584, offset: float = 3.0) -> torch.Tensor:
@@ -120,14 +119,12 @@ def test_exact_duplicates_fall_back_to_float64(monkeypatch: pytest.MonkeyPatch) 
     x = torch.randn(80, 3584, generator=g)
     x[40:] = x[:40]  # every token twice
     calls = []
-    monkeypatch.setattr(dpc, "exact_distances", lambda t: calls.append(1) or _exact(t))
+    real = dpc.exact_distances
+    monkeypatch.setattr(dpc, "exact_distances", lambda t: calls.append(1) or real(t))
     centres, others, nearest, _ = dpc.assign_clusters(x, 20, 7)
     assert calls, "the fast path kept decisions it could not be sure of"
     expected = float64_clusters(x, 20, 7)
     assert [centres.tolist(), others.tolist(), nearest.tolist()] == [t.tolist() for t in expected]
-
-
-_exact = dpc.exact_distances
 
 
 def test_a_token_between_two_centres_is_decided_in_float64(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -191,9 +188,12 @@ def test_close_density_calls_are_settled_on_float64_rows(monkeypatch: pytest.Mon
     cluster_num = round(x.shape[0] * 0.6)
     rows, fallbacks = [], []
     real_rows, real_exact = dpc._exact_rows, dpc.exact_distances
-    monkeypatch.setattr(
-        dpc, "_exact_rows", lambda a, r, c: rows.append((r.numel(), c.numel())) or real_rows(a, r, c)
-    )
+
+    def recorded_rows(x, r, c):  # (rows, columns) of every float64 recomputation
+        rows.append((r.numel(), x.shape[0] if c is None else c.numel()))
+        return real_rows(x, r, c)
+
+    monkeypatch.setattr(dpc, "_exact_rows", recorded_rows)
     monkeypatch.setattr(dpc, "exact_distances", lambda t: fallbacks.append(1) or real_exact(t))
     got = dpc.assign_clusters(x, cluster_num, 7)
     assert not fallbacks

@@ -34,6 +34,7 @@ __all__ = [
     "ERROR_KAPPA",
     "assign_clusters",
     "cluster_dpc_knn",
+    "exact_clusters",
     "exact_distances",
     "fast_distances",
     "nearest_centre",
@@ -76,18 +77,12 @@ def _scaled(upper: torch.Tensor, channels: int) -> torch.Tensor:
     return (sq_dist.sqrt_() / math.sqrt(channels)).float()
 
 
-def _centred64(x: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
-    """``x`` (or its ``rows``) in float64 minus the tokens' mean: translating changes no distance, and
-    without the common offset the Gram matrix's cancellation error is far smaller."""
-    mean = x.mean(0, keepdim=True).double()
-    return (x if rows is None else x.index_select(0, rows)).double() - mean
-
-
 def exact_distances(x: torch.Tensor) -> torch.Tensor:
     """(S, C) -> (S, S) float32 Euclidean distances divided by sqrt(C), from a float64 Gram matrix of the
-    centred tokens; exactly symmetric (``D[i, j] == D[j, i]`` bit for bit: density ties must be exact ties),
+    centred tokens (translating changes no distance, and without a common offset the cancellation error is
+    far smaller); exactly symmetric (``D[i, j] == D[j, i]`` bit for bit: density ties must be exact ties),
     zero diagonal."""
-    return _scaled(_upper_gram(_centred64(x)), x.shape[-1])
+    return _scaled(_upper_gram(x.double() - x.mean(0, keepdim=True).double()), x.shape[-1])
 
 
 def fast_distances(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -176,12 +171,15 @@ def _unsettled(d: _Decisions, dist: torch.Tensor, bound: torch.Tensor, k: int) -
     return torch.cat([top[low[top] <= ceiling], rest[high[rest] >= floor]])  # the tokens around the cut
 
 
-def _exact_rows(x: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
-    """(R, Q) float32 distances / sqrt(C) of tokens ``rows`` to tokens ``cols``, from float64 (centred as in
-    :func:`exact_distances`)."""
-    a, b = _centred64(x, rows), _centred64(x, cols)
+def _exact_rows(x: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor | None) -> torch.Tensor:
+    """(R, Q) float32 distances / sqrt(C) of tokens ``rows`` to tokens ``cols`` (None: to every token), from
+    float64 (centred as in :func:`exact_distances`)."""
+    mean = x.mean(0, keepdim=True).double()
+    a = x.index_select(0, rows).double() - mean
+    b = (x if cols is None else x.index_select(0, cols)).double() - mean
     sq_dist = (a * a).sum(1)[:, None] + (b * b).sum(1)[None, :] - 2 * (a @ b.T)
     dist = (sq_dist.clamp_(min=0.0).sqrt_() / math.sqrt(x.shape[-1])).float()
+    cols = torch.arange(x.shape[0], device=x.device) if cols is None else cols
     return dist.masked_fill_(rows[:, None] == cols[None, :], 0.0)
 
 
@@ -194,12 +192,16 @@ def nearest_centre(dist: torch.Tensor, centres: torch.Tensor) -> tuple[torch.Ten
         others (S-K,) long ascending, the non-centre tokens; nearest (S-K,) long, the slot 0..K-1 of each
         one's nearest centre (first on ties). No host synchronisation.
     """
-    num = dist.shape[0]
-    is_centre = torch.zeros(num, dtype=torch.bool, device=dist.device)
-    is_centre[centres] = True
-    others = torch.nonzero_static(~is_centre, size=num - centres.numel()).squeeze(1)  # (S-K,), no sync
+    others = _others(dist.shape[0], centres)
     to_centres = dist.index_select(0, others).index_select(1, centres)  # (S-K, K)
     return others, to_centres.argmin(dim=1)
+
+
+def _others(num: int, centres: torch.Tensor) -> torch.Tensor:
+    """(S-K,) long ascending: the tokens 0..S-1 that are not ``centres``; no host synchronisation."""
+    is_centre = torch.zeros(num, dtype=torch.bool, device=centres.device)
+    is_centre[centres] = True
+    return torch.nonzero_static(~is_centre, size=num - centres.numel()).squeeze(1)
 
 
 def _fast_nearest(
@@ -208,9 +210,7 @@ def _fast_nearest(
     """:func:`nearest_centre` on fast distances: a token whose two nearest centres are within the bound
     of each other has its distances to the centres recomputed from float64 (written into ``dist``)."""
     num, cluster_num = dist.shape[0], centres.numel()
-    is_centre = torch.zeros(num, dtype=torch.bool, device=dist.device)
-    is_centre[centres] = True
-    others = torch.nonzero_static(~is_centre, size=num - cluster_num).squeeze(1)  # (S-K,)
+    others = _others(num, centres)
     if cluster_num == 1 or cluster_num == num:
         return others, torch.zeros_like(others)
     two, slot = torch.topk(dist.index_select(0, others).index_select(1, centres), 2, dim=1, largest=False)
@@ -249,7 +249,7 @@ def assign_clusters(
         close = _unsettled(d, dist, bound, k)
         if close is not None and close is not _WHOLE and close.numel() <= MAX_EXACT_ROWS:  # settle, once
             rows = torch.unique(close)
-            exact = _exact_rows(x, rows, torch.arange(num, device=x.device))  # (R, S)
+            exact = _exact_rows(x, rows, None)  # (R, S)
             block = exact[:, rows]  # (R, R): (i, j) and (j, i) were computed apart; keep one of each pair
             exact[:, rows] = block.triu() + block.triu(1).T
             dist[rows] = exact
@@ -259,6 +259,13 @@ def assign_clusters(
             close = _unsettled(d, dist, bound, k)
         if close is None:
             return (d.centres, *_fast_nearest(x, dist, bound, d.centres), dist)
+    return exact_clusters(x, cluster_num, k)
+
+
+def exact_clusters(
+    x: torch.Tensor, cluster_num: int, k: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`assign_clusters` from :func:`exact_distances` alone: the float64 path."""
     dist = exact_distances(x)
     centres = _decide(dist, cluster_num, k).centres
     return centres, *nearest_centre(dist, centres), dist

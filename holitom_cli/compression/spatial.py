@@ -15,7 +15,6 @@ import math
 import torch
 
 from holitom_cli.compression.dpc import cluster_dpc_knn, nearest_centre
-from holitom_cli.compression.dpc import exact_distances as pairwise_distance
 
 __all__ = [
     "cluster_dpc_knn",
@@ -23,7 +22,6 @@ __all__ = [
     "merge_assigned",
     "merge_clusters",
     "nearest_centre",
-    "pairwise_distance",
     "select_top_attention",
     "static_cluster_count",
 ]
