@@ -10,7 +10,8 @@ from dataclasses import dataclass
 import torch
 
 from holitom_cli.compression.config import HoliTomConfig
-from holitom_cli.compression.dpc import assign_clusters
+from holitom_cli.compression.dpc import fast_path
+from holitom_cli.compression.dpc_batch import BatchDistances, segment_clusters
 from holitom_cli.compression.memory import empty_output
 from holitom_cli.compression.plan import MergePlan, PlanParts, cluster_part, selection_part
 from holitom_cli.compression.spatial import dynamic_keep_count, merge_assigned, static_cluster_count
@@ -83,24 +84,73 @@ def _mean_buffers(features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | 
     return acc, (features.new_empty(num, channels, dtype=work) if features.dtype != work else None)
 
 
-def _static_tokens(
-    features: torch.Tensor, start: int, end: int, static_pos: torch.Tensor, ratio: float,
-    cfg: HoliTomConfig, buffers: tuple[torch.Tensor, torch.Tensor | None],
-) -> tuple[torch.Tensor, torch.Tensor, tuple] | None:  # fmt: skip
-    """Stage 2 + 3 for the static positions of one multi-frame segment.
+#: Bytes of the float32 (B, n, C) batch of segment means that :func:`_static_tokens` clusters at once
+#: (the batch and its centred copy bound the stage's working memory, whatever the number of frames).
+BATCH_BYTES = 16 << 20
 
-    ``buffers``: the two reusable buffers of :func:`segment_means`.
-    Returns (K, C) working-dtype cluster tokens, the (K,) positions of their centres (ascending) and the
-    plan part of the K tokens (:func:`~holitom_cli.compression.plan.cluster_part`), or None when
-    ``round(n_s r')`` is 0 (the segment's static tokens vanish).
+
+def _batches(jobs: list[tuple], row_bytes: int) -> list[list[tuple]]:
+    """Consecutive jobs ``(segment, start, end, positions)`` grouped so that each group's padded batch
+    (its largest n_s rows per segment) stays within :data:`BATCH_BYTES` (a job alone may exceed it)."""
+    groups: list[list[tuple]] = []
+    widest = 0
+    for job in jobs:
+        size = job[3].numel()
+        if groups and max(widest, size) * row_bytes * (len(groups[-1]) + 1) <= BATCH_BYTES:
+            groups[-1].append(job)
+            widest = max(widest, size)
+        else:
+            groups.append([job])
+            widest = size
+    return groups
+
+
+def _batch_store(features: torch.Tensor, groups: list[list[tuple]]) -> torch.Tensor:
+    """One (rows, C) working-dtype store for the means of every group, its size rounded up to a power of
+    two: the allocator then hands the same pages to the next call of a similar size (fresh pages cost
+    more than batching the segments saves)."""
+    work = working_dtype(features.dtype)
+    row_bytes = features.shape[2] * torch.finfo(work).bits // 8
+    needed = max([len(g) * max(job[3].numel() for job in g) for g in groups], default=0) * row_bytes
+    rows = (1 << max(needed - 1, 1).bit_length()) // row_bytes
+    return features.new_empty(rows, features.shape[2], dtype=work)
+
+
+def _static_tokens(
+    features: torch.Tensor, jobs: list[tuple[int, int, int, torch.Tensor]], ratio: float, cfg: HoliTomConfig,
+    buffers: tuple[torch.Tensor, torch.Tensor | None, torch.Tensor],
+) -> list[tuple[torch.Tensor, torch.Tensor, tuple]]:  # fmt: skip
+    """Stage 2 + 3 for the static positions of a batch of multi-frame segments.
+
+    ``jobs``: ``(segment, start, end, static positions)``, each with ``round(n_s r') >= 1``; ``buffers``:
+    the two reusable buffers of :func:`segment_means` and a (rows, C) store of at least B n rows for the
+    batch's means. Returns per job the (K, C) working-dtype cluster tokens, the (K,) positions of their
+    centres (ascending) and the plan part of the K tokens
+    (:func:`~holitom_cli.compression.plan.cluster_part`).
     """
-    cluster_num = static_cluster_count(static_pos.numel(), ratio)
-    if cluster_num == 0:
-        return None
-    means = segment_means(features, start, end, *buffers).index_select(0, static_pos)  # (n_s, C)
-    centres, others, nearest, _ = assign_clusters(means, cluster_num, min(cfg.dpc_k, cluster_num))
-    part = cluster_part(static_pos, start, end, features.shape[1], centres, others, nearest, cfg.beta)
-    return merge_assigned(means, centres, others, nearest, cfg.beta), static_pos[centres], part
+    _, num, channels = features.shape
+    sizes = [job[3].numel() for job in jobs]
+    cluster_nums = [static_cluster_count(size, ratio) for size in sizes]
+    widest = max(sizes)
+    means = buffers[2][: len(jobs) * widest].view(len(jobs), widest, channels)  # (B, n, C)
+    distances = BatchDistances(len(jobs), widest, features.device) if fast_path(means) else None
+    for b, (_, start, end, static_pos) in enumerate(jobs):
+        rows = means[b, : sizes[b]]
+        segment = segment_means(features, start, end, *buffers[:2])
+        torch.index_select(segment, 0, static_pos, out=rows)
+        means[b, sizes[b] :].zero_()
+        if distances is not None:
+            distances.add(b, rows)  # while the means are in cache
+    is_centre, slot = segment_clusters(means, sizes, cluster_nums, cfg.dpc_k, distances)
+    out = []
+    for b, (_, start, end, static_pos) in enumerate(jobs):
+        centres = torch.nonzero_static(is_centre[b], size=cluster_nums[b]).squeeze(1)
+        others = torch.nonzero_static(~is_centre[b, : sizes[b]], size=sizes[b] - cluster_nums[b]).squeeze(1)
+        nearest = slot[b].index_select(0, others)
+        part = cluster_part(static_pos, start, end, num, centres, others, nearest, cfg.beta)
+        merged = merge_assigned(means[b, : sizes[b]], centres, others, nearest, cfg.beta)
+        out.append((merged, static_pos[centres], part))
+    return out
 
 
 def _dynamic_tokens(
@@ -170,14 +220,16 @@ def compress_video_tokens(
     dyn_offset = [0, *torch.cumsum(keep, 0).tolist()]  # host: dynamic tokens before frame t
 
     # Static cluster tokens per multi-frame segment (stage 2 + 3); sizes are host integers.
-    buffers = _mean_buffers(features)
-    clusters: list[tuple[torch.Tensor, torch.Tensor] | None] = []
     counts = static_mask.sum(1).tolist()  # host
     positions = torch.nonzero(static_mask)[:, 1].to(device).split(counts)  # one host-to-device copy
-    for (start, end), static_pos in zip(seg.segments, positions, strict=True):
-        clusters.append(
-            _static_tokens(features, start, end, static_pos, ratio, cfg, buffers) if end > start else None
-        )
+    jobs = [(i, s, e, pos) for i, ((s, e), pos) in enumerate(zip(seg.segments, positions, strict=True))
+            if e > s and static_cluster_count(pos.numel(), ratio) > 0]  # fmt: skip
+    clusters: list[tuple[torch.Tensor, torch.Tensor, tuple] | None] = [None] * len(seg.segments)
+    groups = _batches(jobs, features.shape[2] * torch.finfo(working_dtype(features.dtype)).bits // 8)
+    buffers = (*_mean_buffers(features), _batch_store(features, groups))
+    for group in groups:
+        for job, cluster in zip(group, _static_tokens(features, group, ratio, cfg, buffers), strict=True):
+            clusters[job[0]] = cluster
 
     # Output in "one_token" order, written in place: per segment its clusters, then its dynamic tokens.
     sizes = [(0 if c is None else c[0].shape[0], dyn_offset[e + 1] - dyn_offset[s]) for c, (s, e) in

@@ -32,7 +32,15 @@ import torch
 
 __all__ = [
     "ERROR_KAPPA",
+    "TINY",
     "assign_clusters",
+    "assign_from_fast",
+    "bound_scale",
+    "decide_batch",
+    "density_error",
+    "exact_nearest",
+    "fast_path",
+    "relative_error",
     "cluster_dpc_knn",
     "exact_clusters",
     "exact_distances",
@@ -41,7 +49,7 @@ __all__ = [
 ]
 
 _U = 2.0**-24  # float32 unit roundoff
-_TINY = torch.finfo(torch.float32).tiny  # smallest normal float32
+TINY = torch.finfo(torch.float32).tiny  # smallest normal float32
 _WHOLE = torch.empty(0, dtype=torch.long)  # sentinel of _unsettled: "recompute the whole segment"
 #: Size of the statistical part of the float32 error bound (the Gram matrix's dot products), in units of
 #: ``u sqrt(C) (|x_i - m|^2 + max_j |x_j - m|^2) / C``.
@@ -95,12 +103,16 @@ def fast_distances(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     centred = x - x.mean(0, keepdim=True)
     upper = _upper_gram(centred)
     sq_norm = upper.diagonal()
-    scale = _U * (ERROR_KAPPA * math.sqrt(channels) + _ROUNDING) / channels
-    bound = scale * (sq_norm + sq_norm.max())
+    bound = bound_scale(channels) * (sq_norm + sq_norm.max())
     return _scaled(upper, channels), bound
 
 
-def _relative_error(dist: torch.Tensor, bound: torch.Tensor) -> torch.Tensor:
+def bound_scale(channels: int) -> float:
+    """``u (ERROR_KAPPA sqrt(C) + 16) / C``: times ``|x_i - m|^2 + max_j |x_j - m|^2``, the bound of row i."""
+    return _U * (ERROR_KAPPA * math.sqrt(channels) + _ROUNDING) / channels
+
+
+def relative_error(dist: torch.Tensor, bound: torch.Tensor) -> torch.Tensor:
     """Bound on |D32 - D64| / D32 for distances ``dist`` whose squares are within ``bound`` of the
     float64 ones: |a - b| <= E gives |sqrt(a) - sqrt(b)| <= E / sqrt(a); plus sqrt's and the division's
     rounding."""
@@ -108,32 +120,54 @@ def _relative_error(dist: torch.Tensor, bound: torch.Tensor) -> torch.Tensor:
 
 
 class _Decisions(NamedTuple):
-    mean_sq: torch.Tensor  # (S,) mean squared distance to the k nearest (self included)
-    density: torch.Tensor  # (S,)
-    by_density: torch.Tensor  # (S,) tokens by density, descending, ties to the lower index
-    delta: torch.Tensor  # (S,) distance to the nearest denser token (the densest: the largest distance)
-    score: torch.Tensor  # (S,) delta * density
-    order: torch.Tensor  # (S,) tokens by score, descending, ties to the lower index
-    centres: torch.Tensor  # (K,) ascending
+    """Per token (S,), or (B, S) for a batch of segments."""
+
+    mean_sq: torch.Tensor  # mean squared distance to the k nearest (self included)
+    density: torch.Tensor  # (-1 on padding)
+    by_density: torch.Tensor  # tokens by density, descending, ties to the lower index
+    delta: torch.Tensor  # distance to the nearest denser token (the densest: the largest distance)
+    score: torch.Tensor  # delta * density (-inf on padding)
+    order: torch.Tensor  # tokens by score, descending, ties to the lower index
+    is_centre: torch.Tensor  # bool: among the first K of ``order``
+    centres: torch.Tensor | None  # (K,) ascending (single segments only)
+
+
+def decide_batch(dist: torch.Tensor, valid: torch.Tensor, cluster_nums: torch.Tensor, k: int) -> _Decisions:
+    """Spec 4.3 on given distances of B segments: dist (B, S, S), +inf where a row or column is padding;
+    valid (B, S) bool; cluster_nums (B,) long; k <= every segment's size. An exact density tie counts the
+    lower index as denser (a deterministic stand-in for the reference's random tie-break noise)."""
+    batch, num, _ = dist.shape
+    positions = torch.arange(num, device=dist.device).expand(batch, num)
+    knn = torch.topk(dist, k=min(k, num), dim=2, largest=False).values  # (B, S, k), includes self (0)
+    mean_sq = (knn**2).mean(dim=2)
+    density = torch.exp(-mean_sq).masked_fill_(~valid, -1.0)  # padding after every token
+    by_density = torch.sort(density, dim=1, descending=True, stable=True).indices
+    rank = torch.empty_like(by_density).scatter_(1, by_density, positions)
+    # j is denser than i iff it comes first in that order
+    to_denser = dist.masked_fill(rank[:, None, :] >= rank[:, :, None], math.inf).amin(dim=2)
+    farthest = torch.where(valid[:, :, None] & valid[:, None, :], dist, 0.0).amax(dim=(1, 2))  # (B,)
+    delta = torch.where(torch.isinf(to_denser), farthest[:, None], to_denser)
+    score = (delta * density).masked_fill_(~valid, -math.inf)
+    order = torch.sort(score, dim=1, descending=True, stable=True).indices  # ties: lower index first
+    place = torch.empty_like(order).scatter_(1, order, positions)
+    return _Decisions(
+        mean_sq, density, by_density, delta, score, order, place < cluster_nums[:, None], None
+    )
 
 
 def _decide(dist: torch.Tensor, cluster_num: int, k: int) -> _Decisions:
-    """Spec 4.3 on given distances; an exact density tie counts the lower index as denser (a
-    deterministic stand-in for the reference's random tie-break noise)."""
-    num = dist.shape[0]
-    knn = torch.topk(dist, k=min(k, num), dim=1, largest=False).values  # (S, k), includes self (0)
-    mean_sq = (knn**2).mean(dim=1)
-    density = torch.exp(-mean_sq)  # (S,)
-    by_density = torch.sort(density, descending=True, stable=True).indices
-    rank = torch.empty_like(by_density).scatter_(0, by_density, torch.arange(num, device=dist.device))
-    # j is denser than i iff it comes first in that order
-    to_denser = dist.masked_fill(rank[None, :] >= rank[:, None], math.inf).min(dim=1).values
-    delta = torch.where(torch.isinf(to_denser), dist.max(), to_denser)  # (S,)
-    score = delta * density
-    order = torch.sort(score, descending=True, stable=True).indices  # ties: lower index first
-    return _Decisions(
-        mean_sq, density, by_density, delta, score, order, torch.sort(order[:cluster_num]).values
-    )
+    """:func:`decide_batch` for one segment (S, S), with its (K,) centres; no host synchronisation."""
+    valid = torch.ones(1, dist.shape[0], dtype=torch.bool, device=dist.device)
+    cluster_nums = torch.full((1,), cluster_num, dtype=torch.long, device=dist.device)
+    d = decide_batch(dist[None], valid, cluster_nums, k)
+    d = _Decisions(*(t[0] for t in d[:-1]), None)
+    return d._replace(centres=torch.sort(d.order[:cluster_num]).values)
+
+
+def density_error(mean_sq: torch.Tensor, bound: torch.Tensor, k: int) -> torch.Tensor:
+    """Bound on the relative error of the densities: |delta mean_sq| <= bound (order statistics move no
+    more than the values), plus rounding; with k = 1 every density is exp(0) = 1 exactly on both paths."""
+    return bound + 8 * _U * (1 + mean_sq) if k > 1 else torch.zeros_like(bound)
 
 
 def _unsettled(d: _Decisions, dist: torch.Tensor, bound: torch.Tensor, k: int) -> torch.Tensor | None:
@@ -143,12 +177,10 @@ def _unsettled(d: _Decisions, dist: torch.Tensor, bound: torch.Tensor, k: int) -
     num, cluster_num = dist.shape[0], d.centres.numel()
     if cluster_num == num:
         return None  # every token is a centre
-    if (k > 1 and bool(d.density.min() < _TINY)) or bool(d.score.min() < _TINY):
+    if (k > 1 and bool(d.density.min() < TINY)) or bool(d.score.min() < TINY):
         return _WHOLE  # below float32's normal range one rounding step is not a relative error any more
-    # density, relative: |Δ mean_sq| <= bound (order statistics move no more than the values), plus
-    # rounding; with k = 1 every density is exp(0) = 1 exactly on both paths
-    r_density = bound + 8 * _U * (1 + d.mean_sq) if k > 1 else torch.zeros_like(bound)
-    r_delta = 2 * _relative_error(d.delta, bound)  # a minimum over the row: twice the entry's bound
+    r_density = density_error(d.mean_sq, bound, k)
+    r_delta = 2 * relative_error(d.delta, bound)  # a minimum over the row: twice the entry's bound
     rho, r_rho = d.density[d.by_density], r_density[d.by_density]
     low, high = rho * (1 - r_rho), rho * (1 + r_rho)
     close = low[:-1] <= high[1:]  # neighbours in the density order that may swap
@@ -157,7 +189,7 @@ def _unsettled(d: _Decisions, dist: torch.Tensor, bound: torch.Tensor, k: int) -
             return d.by_density[torch.cat([close, close[-1:]]) | torch.cat([close[:1], close])]
         a, b = d.by_density[:-1][close], d.by_density[1:][close]  # a is denser than b today
         d_ab = dist[a, b]
-        reach = d_ab * (1 - _relative_error(d_ab, torch.maximum(bound[a], bound[b])))
+        reach = d_ab * (1 - relative_error(d_ab, torch.maximum(bound[a], bound[b])))
         # a swap matters only if a is (nearly) b's nearest denser token, or b would be a's
         matters = reach <= torch.maximum(d.delta[a] * (1 + r_delta[a]), d.delta[b] * (1 + r_delta[b]))
         if bool(matters.any()):
@@ -214,16 +246,24 @@ def _fast_nearest(
     if cluster_num == 1 or cluster_num == num:
         return others, torch.zeros_like(others)
     two, slot = torch.topk(dist.index_select(0, others).index_select(1, centres), 2, dim=1, largest=False)
-    error = _relative_error(two, bound[others, None])  # (S-K, 2)
+    error = relative_error(two, bound[others, None])  # (S-K, 2)
     nearest = slot[:, 0]  # the argmin wherever the two nearest cannot swap
     close = (two[:, 1] * (1 - error[:, 1]) <= two[:, 0] * (1 + error[:, 0])).nonzero().squeeze(1)
     if close.numel():
-        rows = others[close]
-        exact = _exact_rows(x, rows, centres)  # (R, K)
+        nearest[close] = exact_nearest(x, others[close], centres, dist)
+    return others, nearest
+
+
+def exact_nearest(
+    x: torch.Tensor, rows: torch.Tensor, centres: torch.Tensor, dist: torch.Tensor | None = None
+) -> torch.Tensor:
+    """(R,) slot of the nearest of ``centres`` to each of tokens ``rows`` from float64 distances (first on
+    ties); written into ``dist`` (both triangles) when given."""
+    exact = _exact_rows(x, rows, centres)  # (R, K)
+    if dist is not None:
         dist[rows[:, None], centres[None, :]] = exact
         dist[centres[:, None], rows[None, :]] = exact.T
-        nearest[close] = exact.argmin(dim=1)  # first on ties
-    return others, nearest
+    return exact.argmin(dim=1)
 
 
 def assign_clusters(
@@ -243,23 +283,38 @@ def assign_clusters(
     num = x.shape[0]
     if not 1 <= cluster_num <= num:
         raise ValueError(f"cluster_num must be in [1, {num}], got {cluster_num}")
-    if x.device.type == "cpu" and x.dtype == torch.float32 and x.shape[1] >= FAST_MIN_CHANNELS:
-        dist, bound = fast_distances(x)
+    if fast_path(x):
+        found = assign_from_fast(x, *fast_distances(x), cluster_num, k)
+        if found is not None:
+            return found
+    return exact_clusters(x, cluster_num, k)
+
+
+def fast_path(x: torch.Tensor) -> bool:
+    """Whether tokens ``x`` (..., C) take the float32 path: on the CPU, float32, C >= FAST_MIN_CHANNELS."""
+    return x.device.type == "cpu" and x.dtype == torch.float32 and x.shape[-1] >= FAST_MIN_CHANNELS
+
+
+def assign_from_fast(
+    x: torch.Tensor, dist: torch.Tensor, bound: torch.Tensor, cluster_num: int, k: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """:func:`assign_clusters` from :func:`fast_distances` ``(dist, bound)`` (``dist`` is updated in place),
+    or None when only the float64 path can decide."""
+    d = _decide(dist, cluster_num, k)
+    close = _unsettled(d, dist, bound, k)
+    if close is not None and close is not _WHOLE and close.numel() <= MAX_EXACT_ROWS:  # settle, once
+        rows = torch.unique(close)
+        exact = _exact_rows(x, rows, None)  # (R, S)
+        block = exact[:, rows]  # (R, R): (i, j) and (j, i) were computed apart; keep one of each pair
+        exact[:, rows] = block.triu() + block.triu(1).T
+        dist[rows] = exact
+        dist[:, rows] = exact.T
+        bound = bound.index_fill(0, rows, 0.0)  # those rows are now the float64 ones
         d = _decide(dist, cluster_num, k)
         close = _unsettled(d, dist, bound, k)
-        if close is not None and close is not _WHOLE and close.numel() <= MAX_EXACT_ROWS:  # settle, once
-            rows = torch.unique(close)
-            exact = _exact_rows(x, rows, None)  # (R, S)
-            block = exact[:, rows]  # (R, R): (i, j) and (j, i) were computed apart; keep one of each pair
-            exact[:, rows] = block.triu() + block.triu(1).T
-            dist[rows] = exact
-            dist[:, rows] = exact.T
-            bound = bound.index_fill(0, rows, 0.0)  # those rows are now the float64 ones
-            d = _decide(dist, cluster_num, k)
-            close = _unsettled(d, dist, bound, k)
-        if close is None:
-            return (d.centres, *_fast_nearest(x, dist, bound, d.centres), dist)
-    return exact_clusters(x, cluster_num, k)
+    if close is None:
+        return (d.centres, *_fast_nearest(x, dist, bound, d.centres), dist)
+    return None
 
 
 def exact_clusters(
