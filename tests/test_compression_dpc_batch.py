@@ -99,3 +99,10 @@ def test_a_clean_segment_is_one_the_single_segment_checks_settle() -> None:
                 assert dpc._unsettled(single, dist, distances.bound[b, :size], 7) is None
         clean_segments += int(clean.sum())
     assert clean_segments >= 10  # the batch path is taken on ordinary segments (25 of 60 when written)
+
+
+@pytest.mark.parametrize("cluster_nums", [[5, 11], [5, 0]])
+def test_a_cluster_count_outside_one_to_the_size_is_refused(cluster_nums: list[int]) -> None:
+    segments = [video_like_tokens(1, num=20), video_like_tokens(2, num=10)]
+    with pytest.raises(ValueError, match="cluster_num must be in"):
+        dpc_batch.segment_clusters(padded(segments), [20, 10], cluster_nums, 7)

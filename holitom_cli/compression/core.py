@@ -84,8 +84,8 @@ def _mean_buffers(features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | 
     return acc, (features.new_empty(num, channels, dtype=work) if features.dtype != work else None)
 
 
-#: Bytes of the float32 (B, n, C) batch of segment means that :func:`_static_tokens` clusters at once
-#: (the batch and its centred copy bound the stage's working memory, whatever the number of frames).
+#: Bytes of the working-dtype (B, n, C) batch of segment means that :func:`_static_tokens` clusters at
+#: once (it bounds the stage's working memory, whatever the number of frames).
 BATCH_BYTES = 16 << 20
 
 
@@ -137,9 +137,8 @@ def _static_tokens(
     for b, (_, start, end, static_pos) in enumerate(jobs):
         rows = means[b, : sizes[b]]
         segment = segment_means(features, start, end, *buffers[:2])
-        torch.index_select(segment, 0, static_pos, out=rows)
-        means[b, sizes[b] :].zero_()
-        if distances is not None:
+        torch.index_select(segment, 0, static_pos, out=rows)  # the padding rows are never read
+        if distances is not None and cluster_nums[b] < sizes[b]:
             distances.add(b, rows)  # while the means are in cache
     is_centre, slot = segment_clusters(means, sizes, cluster_nums, cfg.dpc_k, distances)
     out = []

@@ -36,16 +36,16 @@ __all__ = [
     "assign_clusters",
     "assign_from_fast",
     "bound_scale",
+    "cluster_dpc_knn",
     "decide_batch",
     "density_error",
-    "exact_nearest",
-    "fast_path",
-    "relative_error",
-    "cluster_dpc_knn",
     "exact_clusters",
     "exact_distances",
+    "exact_nearest",
     "fast_distances",
+    "fast_path",
     "nearest_centre",
+    "relative_error",
 ]
 
 _U = 2.0**-24  # float32 unit roundoff
@@ -134,8 +134,9 @@ class _Decisions(NamedTuple):
 
 def decide_batch(dist: torch.Tensor, valid: torch.Tensor, cluster_nums: torch.Tensor, k: int) -> _Decisions:
     """Spec 4.3 on given distances of B segments: dist (B, S, S), +inf where a row or column is padding;
-    valid (B, S) bool; cluster_nums (B,) long; k <= every segment's size. An exact density tie counts the
-    lower index as denser (a deterministic stand-in for the reference's random tie-break noise)."""
+    valid (B, S) bool; cluster_nums (B,) long. The decisions of a segment with fewer than k tokens are
+    meaningless (its k nearest include padding). An exact density tie counts the lower index as denser (a
+    deterministic stand-in for the reference's random tie-break noise)."""
     batch, num, _ = dist.shape
     positions = torch.arange(num, device=dist.device).expand(batch, num)
     knn = torch.topk(dist, k=min(k, num), dim=2, largest=False).values  # (B, S, k), includes self (0)

@@ -6,8 +6,8 @@ cost, not their arithmetic, dominates the outer stage. Here the segments' static
 tokens are in cache), and the rest of the float32 path of :mod:`.dpc` runs once for the whole batch: the
 same decisions (:func:`.dpc.decide_batch`) and a conservative batched twin of
 :func:`.dpc._unsettled`. A segment whose decisions all hold within the bound takes the batch's result;
-any other (a close call in the density order or at the score cut, tokens below float32's normal range,
-fewer than ``dpc_k`` clusters) continues alone from its slice of the batch's distances with
+any other (a close call in the density order or at the score cut, densities or scores below float32's
+normal range, fewer than ``dpc_k`` clusters) continues alone from its slice of the batch's distances with
 :func:`.dpc.assign_from_fast`, exactly as it would unbatched. So the clusters are those of
 :func:`.dpc.assign_clusters` for every segment: the float64 path's, up to its bound's assumption.
 
@@ -32,8 +32,8 @@ class BatchDistances:
     can take each segment's Gram matrix while its tokens are still in cache."""
 
     def __init__(self, batch: int, num: int, device: torch.device) -> None:
-        self.dist = torch.full((batch, num, num), math.inf, device=device)
-        self.bound = torch.zeros(batch, num, device=device)
+        self.dist = torch.full((batch, num, num), math.inf, dtype=torch.float32, device=device)
+        self.bound = torch.zeros(batch, num, dtype=torch.float32, device=device)
 
     def add(self, b: int, x: torch.Tensor) -> None:
         """Segment b's tokens (n_b, C) float32."""
@@ -77,8 +77,6 @@ def _nearest_batch(
     bool, the non-centres whose two nearest centres are within the bound of each other (to settle in
     float64, as :func:`.dpc._fast_nearest` does)."""
     slot_of = is_centre.cumsum(1) - 1  # (B, n) slot of each centre
-    if dist.shape[1] == 1:
-        return slot_of, torch.zeros_like(is_centre)
     two, col = torch.topk(dist.masked_fill(~is_centre[:, None, :], math.inf), 2, dim=2, largest=False)
     error = dpc.relative_error(two, bound[:, :, None])  # (B, n, 2)
     close = two[..., 1] * (1 - error[..., 1]) <= two[..., 0] * (1 + error[..., 0])
@@ -93,7 +91,7 @@ def segment_clusters(
     """DPC-KNN of B segments (spec 4.3).
 
     Args:
-        x: (B, n, C) working-dtype tokens; segment b is ``x[b, :sizes[b]]``, the rest zeros.
+        x: (B, n, C) working-dtype tokens; segment b is ``x[b, :sizes[b]]``, the rest padding (never read).
         cluster_nums: K_b per segment, 1 <= K_b <= sizes[b]; dpc_k: the neighbours of the density
             (capped per segment at K_b, as in :func:`.dpc.assign_clusters`).
         distances: the segments' :class:`BatchDistances`, if the caller has them (used only where
@@ -105,6 +103,9 @@ def segment_clusters(
     """
     batch, num, _ = x.shape
     device = x.device
+    for size, cluster_num in zip(sizes, cluster_nums, strict=True):
+        if not 1 <= cluster_num <= size:
+            raise ValueError(f"cluster_num must be in [1, {size}], got {cluster_num}")
     valid = torch.arange(num, device=device)[None, :] < torch.tensor(sizes, device=device)[:, None]
     is_centre = torch.zeros(batch, num, dtype=torch.bool, device=device)
     slot = torch.full((batch, num), -1, dtype=torch.long, device=device)
@@ -122,23 +123,24 @@ def segment_clusters(
         return is_centre, slot
     if distances is None:
         distances = BatchDistances(batch, num, device)
-        for b in range(batch):
+        for b in rest:
             distances.add(b, x[b, : sizes[b]])
     dist, bound = distances.dist, distances.bound
     k = min(dpc_k, num)
-    d = dpc.decide_batch(dist, valid, torch.tensor(cluster_nums, device=device), k)
-    clean = _clean(d, dist, valid, bound, k).tolist()  # host: which segments need more
-    batch_slot, close = _nearest_batch(dist, bound, d.is_centre, valid)
+    batched = [b for b in rest if min(dpc_k, cluster_nums[b]) == k]  # the segments that share k
+    if batched:
+        d = dpc.decide_batch(dist, valid, torch.tensor(cluster_nums, device=device), k)
+        clean = _clean(d, dist, valid, bound, k).tolist()  # host: which segments need more
+        batch_slot, close = _nearest_batch(dist, bound, d.is_centre, valid)
     for b in rest:
         size, cluster_num = sizes[b], cluster_nums[b]
-        if clean[b] and min(dpc_k, cluster_num) == k:
+        x_b = x[b, :size]
+        if b in batched and clean[b]:
             is_centre[b], slot[b] = d.is_centre[b], batch_slot[b].masked_fill(~valid[b], -1)
             rows = close[b].nonzero().squeeze(1)
             if rows.numel():
-                centres = d.is_centre[b, :size].nonzero().squeeze(1)
-                slot[b, rows] = dpc.exact_nearest(x[b, :size], rows, centres)
+                slot[b, rows] = dpc.exact_nearest(x_b, rows, d.is_centre[b, :size].nonzero().squeeze(1))
             continue
-        x_b = x[b, :size]
         found = dpc.assign_from_fast(x_b, dist[b, :size, :size].clone(), bound[b, :size].clone(),
                                      cluster_num, min(dpc_k, cluster_num))  # fmt: skip
         _fill(is_centre, slot, b, found if found is not None else dpc.exact_clusters(
