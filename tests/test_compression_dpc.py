@@ -200,3 +200,14 @@ def test_close_density_calls_are_settled_on_float64_rows(monkeypatch: pytest.Mon
     assert rows and rows[0][1] == x.shape[0] and rows[0][0] <= dpc.MAX_EXACT_ROWS
     monkeypatch.setattr(dpc, "exact_distances", real_exact)
     assert [t.tolist() for t in got[:3]] == [t.tolist() for t in float64_clusters(x, cluster_num, 7)]
+
+
+@pytest.mark.parametrize("num", [40, 255, 256, 301])
+def test_upper_gram_both_ways(num: int) -> None:
+    """One product below 256 tokens, row blocks from 256 on: the upper triangle of x x^T either way."""
+    x = torch.randn(num, 96, generator=torch.Generator().manual_seed(num), dtype=torch.float64)
+    upper = dpc._upper_gram(x)
+    assert torch.equal(upper, upper.triu())
+    torch.testing.assert_close(upper, (x @ x.T).triu(), rtol=1e-12, atol=1e-12)
+    dist = dpc.exact_distances(x.float())
+    assert torch.equal(dist, dist.T)
