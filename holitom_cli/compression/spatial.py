@@ -57,10 +57,11 @@ def merge_assigned(
     sums.index_add_(0, nearest, x32.index_select(0, others))
     counts = torch.zeros(centres.numel(), dtype=torch.float32, device=x.device)
     counts.index_add_(0, nearest, torch.ones_like(nearest, dtype=torch.float32))  # (K,), no bincount sync
-    centre_x = x32.index_select(0, centres)
-    mean = sums / counts.clamp(min=1.0)[:, None]
-    merged = beta * centre_x + (1.0 - beta) * mean
-    return torch.where((counts > 0)[:, None], merged, centre_x)
+    # in place, with the roundings of beta * centre + (1 - beta) * (sums / counts); a centre without members
+    # gets weight 1 and a zero mean, i.e. stays itself
+    weight = counts.new_ones(centres.numel()).masked_fill_(counts > 0, beta)  # (K,)
+    merged = x32.index_select(0, centres).mul_(weight[:, None])
+    return merged.add_(sums.div_(counts.clamp(min=1.0)[:, None]).mul_(1.0 - beta))
 
 
 def select_top_attention(scores: torch.Tensor, keep: int) -> torch.Tensor:
