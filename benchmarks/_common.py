@@ -212,6 +212,14 @@ def write_outputs(out_dir: Path, name: str, data: dict[str, Any], markdown: str)
     return jpath, mpath
 
 
+def publish(out_dir: Path, name: str, data: dict[str, Any], markdown: str) -> tuple[Path, Path]:
+    """:func:`write_outputs`, then the markdown on stdout and where it went on stderr."""
+    jpath, mpath = write_outputs(out_dir, name, data, markdown)
+    print(markdown)
+    log(f"wrote {jpath} and {mpath}")
+    return jpath, mpath
+
+
 def command_line() -> str:
     """The command that produced a report, as a user would type it from the repository root."""
     script = Path(sys.argv[0])

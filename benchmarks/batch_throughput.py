@@ -35,7 +35,7 @@ from benchmarks._common import (
     machine_info,
     md_table,
     median,
-    write_outputs,
+    publish,
 )
 from benchmarks.synthetic import make_test_video
 
@@ -158,9 +158,7 @@ def main(argv: list[str] | None = None) -> int:
             "max_new_tokens": args.max_new_tokens, "model": str(model_dir), "runs":
             {_arm_name(w): r for w, r in runs.items()}, "answers_identical": {_arm_name(w): v for w, v in
             identical.items()}}  # fmt: skip
-    jpath, mpath = write_outputs(args.out_dir, "batch_throughput", data, markdown)
-    print(markdown)
-    log(f"wrote {jpath} and {mpath}")
+    publish(args.out_dir, "batch_throughput", data, markdown)
     return 0 if all(identical.values()) else 1
 
 

@@ -32,7 +32,7 @@ from benchmarks._common import (
     log,
     machine_info,
     md_table,
-    write_outputs,
+    publish,
 )
 from benchmarks.synthetic import synthetic_features
 
@@ -152,9 +152,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     machine = machine_info()
     data = {"command": command_line(), "machine": machine, **measure(args)}
     md = markdown(data["rows"], machine)
-    jpath, mpath = write_outputs(args.out, args.name, data, md)
-    print(md)
-    log(f"wrote {jpath} and {mpath}")
+    publish(args.out, args.name, data, md)
     return data
 
 

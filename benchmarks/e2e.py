@@ -41,6 +41,7 @@ from benchmarks._common import (
     materialize_weights,
     md_table,
     median,
+    publish,
     synchronize,
     timed,
     torch_peak_alloc_bytes,
@@ -512,9 +513,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     }
     md = markdown(data)
     name = args.name or f"e2e_{args.shape}"
-    jpath, mpath = write_outputs(args.out, name, data, md)
-    print(md)
-    log(f"wrote {jpath} and {mpath}")
+    publish(args.out, name, data, md)
     if args.chart is not None:
         from benchmarks.chart import draw_ttft_chart
 

@@ -21,7 +21,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from benchmarks._common import DEFAULT_OUT, command_line, log, md_table, write_outputs
+from benchmarks._common import DEFAULT_OUT, command_line, md_table, publish
 
 FRAMES = 32
 TOKENS_PER_FRAME = 196
@@ -168,9 +168,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         f"(exact count: + {args.text_tokens} text tokens + 1 newline).\n\n" + markdown(rows)
     )
     data = {"command": command_line(), "frames": args.frames, "text_tokens": args.text_tokens, "rows": rows}
-    jpath, mpath = write_outputs(args.out, "paper_table", data, md)
-    print(md)
-    log(f"wrote {jpath} and {mpath}")
+    publish(args.out, "paper_table", data, md)
     return data
 
 

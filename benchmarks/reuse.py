@@ -49,6 +49,7 @@ from benchmarks._common import (
     materialize_weights,
     md_table,
     median,
+    publish,
     timed,
     write_outputs,
 )
@@ -462,9 +463,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "process_peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
     }
     md = markdown(data)
-    jpath, mpath = write_outputs(args.out, args.name or f"reuse_{args.shape}", data, md)
-    print(md)
-    log(f"wrote {jpath} and {mpath}")
+    publish(args.out, args.name or f"reuse_{args.shape}", data, md)
     return data
 
 

@@ -33,6 +33,7 @@ from benchmarks._common import (
     machine_info,
     md_table,
     median,
+    publish,
     synchronize,
     timed,
     torch_peak_alloc_bytes,
@@ -247,9 +248,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "rows": rows,
         "layer_curves": {k: v.to_dict() for k, v in curves.items()},
     }
-    jpath, mpath = write_outputs(args.out, args.name, data, md)
-    print(md)
-    log(f"wrote {jpath} and {mpath}")
+    publish(args.out, args.name, data, md)
     return data
 
 

@@ -44,9 +44,9 @@ from benchmarks._common import (
     machine_info,
     md_table,
     median,
+    publish,
     timed,
     torch_peak_alloc_bytes,
-    write_outputs,
 )
 from benchmarks.synthetic import synthetic_features
 
@@ -409,9 +409,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     md = markdown(rows, info)
     data = {"command": command_line(), "machine": info, "preset": args.preset, "config": cfg.to_dict(),
             "reference": str(args.reference), "rows": rows}  # fmt: skip
-    jpath, mpath = write_outputs(args.out, args.name, data, md)
-    print(md)
-    log(f"wrote {jpath} and {mpath}")
+    publish(args.out, args.name, data, md)
     return data
 
 

@@ -105,15 +105,13 @@ def _batches(jobs: list[tuple], row_bytes: int) -> list[list[tuple]]:
     return groups
 
 
-def _batch_store(features: torch.Tensor, groups: list[list[tuple]]) -> torch.Tensor:
+def _batch_store(features: torch.Tensor, groups: list[list[tuple]], row_bytes: int) -> torch.Tensor:
     """One (rows, C) working-dtype store for the means of every group, its size rounded up to a power of
     two: the allocator then hands the same pages to the next call of a similar size (fresh pages cost
     more than batching the segments saves)."""
-    work = working_dtype(features.dtype)
-    row_bytes = features.shape[2] * torch.finfo(work).bits // 8
     needed = max([len(g) * max(job[3].numel() for job in g) for g in groups], default=0) * row_bytes
     rows = (1 << max(needed - 1, 1).bit_length()) // row_bytes
-    return features.new_empty(rows, features.shape[2], dtype=work)
+    return features.new_empty(rows, features.shape[2], dtype=working_dtype(features.dtype))
 
 
 def _static_tokens(
@@ -224,8 +222,9 @@ def compress_video_tokens(
     jobs = [(i, s, e, pos) for i, ((s, e), pos) in enumerate(zip(seg.segments, positions, strict=True))
             if e > s and static_cluster_count(pos.numel(), ratio) > 0]  # fmt: skip
     clusters: list[tuple[torch.Tensor, torch.Tensor, tuple] | None] = [None] * len(seg.segments)
-    groups = _batches(jobs, features.shape[2] * torch.finfo(working_dtype(features.dtype)).bits // 8)
-    buffers = (*_mean_buffers(features), _batch_store(features, groups))
+    row_bytes = features.shape[2] * torch.finfo(working_dtype(features.dtype)).bits // 8  # one store row
+    groups = _batches(jobs, row_bytes)
+    buffers = (*_mean_buffers(features), _batch_store(features, groups, row_bytes))
     for group in groups:
         for job, cluster in zip(group, _static_tokens(features, group, ratio, cfg, buffers), strict=True):
             clusters[job[0]] = cluster
